@@ -1,0 +1,69 @@
+"""Dataset ingestion: one module per dataset, each reading the dataset's documented on-disk layout.
+
+Every module defines ``ADAPTER = Adapter(...)`` whose ``prepare(root, **options)`` returns the
+dataset's clip records (``pipeline.records.ClipRecord``) with the dataset's annotations kept as
+given under ``annotations``. Modules are imported on demand, so a dataset's extra dependencies
+(none so far) only matter when that dataset is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.records import ClipRecord
+
+ADAPTER_MODULES = {
+    "demo": "pipeline.ingest.demo",
+    "fma": "pipeline.ingest.fma",
+    "mtg_jamendo": "pipeline.ingest.mtg_jamendo",
+    "magnatagatune": "pipeline.ingest.magnatagatune",
+    "musicnet": "pipeline.ingest.musicnet",
+    "musiccaps": "pipeline.ingest.musiccaps",
+    "yt8m_musictextclips": "pipeline.ingest.yt8m_musictextclips",
+    "giantsteps_key": "pipeline.ingest.giantsteps",
+    "giantsteps_tempo": "pipeline.ingest.giantsteps",
+    "gtzan": "pipeline.ingest.gtzan",
+    "medleydb": "pipeline.ingest.medleydb",
+}
+
+
+class DatasetLayoutError(ValueError):
+    """The directory given for a dataset does not hold the files its layout requires."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to read one dataset.
+
+    ``prepare(root, **options) -> list[ClipRecord]`` reads the dataset under ``root``; it raises
+    ``DatasetLayoutError`` naming the missing file when the layout is not there. ``layout`` is a
+    short description of the expected files, shown by ``llark ingest --help``.
+    ``window_annotations(record, start_s, end_s) -> dict``, when given, returns the annotations of
+    the window ``[start_s, end_s)`` of the source (times relative to the window); the crop stage
+    stores them in the cropped record's ``annotations``.
+    """
+
+    name: str
+    prepare: Callable[..., list[ClipRecord]]
+    layout: str
+    description: str
+    window_annotations: Callable[[ClipRecord, float, float], dict[str, Any]] | None = None
+
+
+def get_adapter(name: str) -> Adapter:
+    if name not in ADAPTER_MODULES:
+        known = ", ".join(sorted(ADAPTER_MODULES))
+        raise KeyError(f"unknown dataset {name!r}; known datasets: {known}")
+    module = importlib.import_module(ADAPTER_MODULES[name])
+    adapters = getattr(module, "ADAPTERS", None) or {module.ADAPTER.name: module.ADAPTER}
+    return adapters[name]
+
+
+def require(path: Path, what: str) -> Path:
+    """Return ``path`` if it exists, else raise DatasetLayoutError saying what was expected there."""
+    if not path.exists():
+        raise DatasetLayoutError(f"{what} not found: expected {path}")
+    return path

@@ -1,0 +1,614 @@
+"""The one runner behind every offline stage.
+
+A stage is a per-item function of one input record; the runner does everything else:
+
+- reads the input JSONL (a malformed line, a missing or unsafe id, or a duplicate id becomes an error
+  record, not a crash);
+- skips the items a previous run already finished (resume), keyed by the input record's ``id``;
+- runs the rest on an executor (local worker processes by default), showing items done, rate and ETA;
+- turns each item's failure into an error record (id, stage, code, reason) and goes on;
+- writes the output and error files atomically, in input order whatever the number of workers,
+  and ends with a summary (done, skipped, failed by reason).
+
+Progress is kept in a ledger beside the output (``OUTPUT.ledger``): one JSON line per finished input
+item, appended and flushed as items finish. A killed run leaves at most a torn last line, which the
+next run discards. The output file itself is only ever replaced whole (written to a temporary file,
+then renamed), so a reader never sees half of it. The ledger's first line records the stage's
+settings; a rerun with different settings refuses to mix the two.
+
+Executors only see ``Stage`` objects and lists of ``(index, row)``; a distributed executor (Ray)
+plugs in beside ``LocalExecutor`` without touching the per-item functions.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+from pipeline.records import InvalidRecord, check_id, iter_jsonl, to_json_line
+
+log = logging.getLogger("llark")
+
+LEDGER_VERSION = 1
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+class ItemError(Exception):
+    """An expected, explainable failure of one item: it becomes an error record with this code.
+
+    ``code`` is a short stable identifier the summary groups by (e.g. ``silent``, ``not_audio``);
+    the message is the human-readable reason.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class StageConfigError(ValueError):
+    """The stage cannot start: its configuration or output location is not usable."""
+
+
+class OutputLocked(StageConfigError):
+    """Another live run is writing the same output."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named per-item function and what it needs.
+
+    ``process(row, state)`` maps one input row (a dict) to one output row or a list of them.
+    ``state`` is ``setup(settings)`` when ``setup`` is given (called once per worker, e.g. to load a
+    model), else ``settings`` itself. ``settings`` must be picklable and is recorded, as JSON, in
+    the ledger so that a rerun with other settings is refused. Both functions must be importable
+    module-level functions (they travel to worker processes).
+    """
+
+    name: str
+    process: Callable[[dict, Any], dict | list[dict]]
+    settings: Any = None
+    setup: Callable[[Any], Any] | None = None
+
+    def settings_json(self) -> Any:
+        s = self.settings
+        if s is None:
+            return None
+        if hasattr(s, "model_dump"):
+            return s.model_dump(mode="json")
+        if hasattr(s, "__dataclass_fields__"):
+            from dataclasses import asdict
+
+            return json.loads(json.dumps(asdict(s), default=str))
+        return json.loads(json.dumps(s, default=str))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one item (in whatever process the executor chooses)
+
+
+def run_item(process: Callable, row: dict, state: Any) -> dict:
+    """Run the per-item function on one row and return a ledger outcome (never raises)."""
+    try:
+        result = process(row, state)
+        outputs = result if isinstance(result, list) else [result]
+        for out in outputs:
+            if not isinstance(out, dict):
+                raise TypeError(f"the stage returned a {type(out).__name__}, not a dict")
+            check_id(out.get("id"))
+        return {"ok": True, "outputs": outputs}
+    except ItemError as exc:
+        return {"ok": False, "code": exc.code, "reason": str(exc)}
+    except InvalidRecord as exc:
+        return {"ok": False, "code": "invalid_record", "reason": str(exc)}
+    except MemoryError:
+        return {"ok": False, "code": "out_of_memory", "reason": "ran out of memory on this item"}
+    except Exception as exc:  # a bug or an unforeseen input: keep the traceback for the report
+        return {
+            "ok": False,
+            "code": f"exception:{type(exc).__name__}",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(limit=8),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors
+
+
+class Executor(Protocol):
+    """Runs a stage's per-item function over ``(index, row)`` pairs, yielding ``(index, outcome)``
+    as items finish, in any order. Outcomes are what ``run_item`` returns."""
+
+    workers: int
+
+    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]: ...
+
+
+_WORKER_STATE: Any = None
+_WORKER_PROCESS: Callable | None = None
+
+
+def _init_worker(stage: Stage) -> None:
+    global _WORKER_STATE, _WORKER_PROCESS
+    _WORKER_PROCESS = stage.process
+    _WORKER_STATE = stage.setup(stage.settings) if stage.setup else stage.settings
+
+
+def _run_in_worker(row: dict) -> dict:
+    return run_item(_WORKER_PROCESS, row, _WORKER_STATE)
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LocalExecutor:
+    """Worker processes on this machine (``spawn``ed, one BLAS/OpenMP thread each).
+
+    A worker that dies (a segfault in native code, the OOM killer) breaks the pool; the items that
+    were in flight are then rerun one at a time in a fresh pool, so the one that kills its worker
+    again is recorded as ``worker_crashed`` and the others finish normally.
+    """
+
+    def __init__(self, workers: int | None = None, max_in_flight: int | None = None):
+        self.workers = workers or default_workers()
+        self.max_in_flight = max_in_flight or self.workers * 2
+
+    def _pool(self, stage: Stage, workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(stage,),
+        )
+
+    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+        saved = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
+        for k in THREAD_ENV_VARS:
+            os.environ[k] = "1"  # inherited by the spawned workers: N workers use N cores
+        try:
+            yield from self._run(stage, items)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+        queue = list(reversed(items))
+        suspects: list[tuple[int, dict]] = []
+        while queue or suspects:
+            if suspects:
+                yield from self._run_isolated(stage, suspects)
+                suspects = []
+                continue
+            pool = self._pool(stage, self.workers)
+            in_flight: dict[cf.Future, tuple[int, dict]] = {}
+            try:
+                while queue or in_flight:
+                    while queue and len(in_flight) < self.max_in_flight:
+                        index, row = queue.pop()
+                        in_flight[pool.submit(_run_in_worker, row)] = (index, row)
+                    done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                    broken = False
+                    for fut in done:
+                        index, row = in_flight.pop(fut)
+                        try:
+                            yield index, fut.result()
+                        except cf.process.BrokenProcessPool:
+                            suspects.append((index, row))
+                            broken = True
+                    if broken:
+                        suspects.extend(in_flight.values())
+                        in_flight.clear()
+                        log.warning(
+                            "%s: a worker process died; rerunning the %d items that were in "
+                            "flight one at a time to find the one that kills it",
+                            stage.name,
+                            len(suspects),
+                        )
+                        break
+            finally:
+                pool.shutdown(wait=not suspects, cancel_futures=True)
+
+    def _run_isolated(self, stage: Stage, suspects: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+        for index, row in sorted(suspects, key=lambda x: x[0]):
+            pool = self._pool(stage, 1)
+            try:
+                outcome = pool.submit(_run_in_worker, row).result()
+            except cf.process.BrokenProcessPool:
+                outcome = {
+                    "ok": False,
+                    "code": "worker_crashed",
+                    "reason": "the worker process died while processing this item "
+                    "(a crash in native code or the out-of-memory killer)",
+                }
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+            yield index, outcome
+
+
+class InlineExecutor:
+    """Runs items in this process, one after another: for debugging and tiny inputs."""
+
+    workers = 1
+
+    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
+        state = stage.setup(stage.settings) if stage.setup else stage.settings
+        for index, row in items:
+            yield index, run_item(stage.process, row, state)
+
+
+def make_executor(name: str, workers: int | None = None) -> Executor:
+    if name == "local":
+        return LocalExecutor(workers)
+    if name == "inline":
+        return InlineExecutor()
+    raise StageConfigError(f"--executor: unknown executor {name!r} (choose 'local' or 'inline')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """Items done, rate and ETA: a tqdm bar on a terminal, a log line every ``interval`` s elsewhere."""
+
+    def __init__(self, name: str, total: int, enabled: bool = True, interval: float = 15.0):
+        self.name, self.total, self.done, self.failed = name, total, 0, 0
+        self.start = self.last_log = time.monotonic()
+        self.interval = interval
+        self.bar = None
+        self.enabled = enabled and total > 0
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="item", dynamic_ncols=True)
+
+    def update(self, ok: bool) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(failed=self.failed, refresh=False)
+        elif time.monotonic() - self.last_log >= self.interval or self.done == self.total:
+            self.last_log = time.monotonic()
+            log.info("%s: %s", self.name, self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left != float("inf") else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.done}/{self.total} items ({pct:.1f}%), {self.failed} failed, "
+            f"{rate:.2f} items/s, ETA {eta}"
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger, lock and output files
+
+
+def ledger_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ledger")
+
+
+def errors_path(output: Path) -> Path:
+    stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
+    return output.with_name(stem + ".errors.jsonl")
+
+
+def lock_path(output: Path) -> Path:
+    return output.with_name(output.name + ".lock")
+
+
+class OutputLock:
+    """A lock file beside the output naming its owner (pid, host); a dead owner's lock is taken over."""
+
+    def __init__(self, output: Path, stage: str):
+        self.path = lock_path(output)
+        self.stage = stage
+        self.held = False
+
+    def __enter__(self) -> "OutputLock":
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage, "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and self._alive(owner):
+                    raise OutputLocked(
+                        f"{self.path.with_suffix('')} is being written by another run "
+                        f"(stage {owner.get('stage')}, pid {owner.get('pid')} on {owner.get('host')}); "
+                        f"wait for it to finish, or delete {self.path} if that run is gone"
+                    ) from None
+                log.warning("taking over a stale lock %s left by %s", self.path, owner)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise OutputLocked(f"could not take the lock {self.path}")
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        if owner.get("host") != socket.gethostname():
+            return True  # cannot tell from here: assume it is alive
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return True
+        return True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class Ledger:
+    """Append-only record of finished items: a header line with the settings, then one line per item."""
+
+    def __init__(self, path: Path, stage: str, settings: Any):
+        self.path = path
+        self.header = {"ledger": LEDGER_VERSION, "stage": stage, "settings": settings}
+        self.entries: dict[str, dict] = {}
+        self._fh = None
+        self._last_sync = time.monotonic()
+
+    def load(self) -> None:
+        """Read what a previous run finished; drop a torn last line; refuse other settings."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        keep = data.rfind(b"\n") + 1  # a killed writer leaves at most one line without its newline
+        if keep < len(data):
+            log.warning("%s: discarding a torn last line left by an interrupted run", self.path)
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+        lines = data[:keep].splitlines()
+        if not lines:
+            return
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            header = None
+        if not isinstance(header, dict) or header.get("ledger") != LEDGER_VERSION:
+            raise StageConfigError(f"{self.path} is not a ledger this version can read; move it away to start over")
+        if header.get("stage") != self.header["stage"] or header.get("settings") != self.header["settings"]:
+            raise StageConfigError(
+                f"{self.path} was written by stage {header.get('stage')!r} with other settings "
+                f"({json.dumps(header.get('settings'), sort_keys=True)}) than this run's "
+                f"({json.dumps(self.header['settings'], sort_keys=True)}); use another output "
+                "path, or --overwrite to start over"
+            )
+        for raw in lines[1:]:
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                log.warning("%s: skipping an unreadable ledger line", self.path)
+                continue
+            self.entries[entry["id"]] = entry
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._fh = open(self.path, "a", encoding="utf-8")
+        if new:
+            self._write(json.dumps(self.header) + "\n", sync=True)
+
+    def append(self, entry: dict) -> None:
+        self.entries[entry["id"]] = entry
+        self._write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _write(self, line: str, sync: bool = False) -> None:
+        self._fh.write(line)  # one write per line: a kill can tear only the last line
+        self._fh.flush()
+        if sync or time.monotonic() - self._last_sync > 2.0:
+            os.fsync(self._fh.fileno())
+            self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    output: Path
+    errors: Path
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    outputs: int = 0
+    failed: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.stage}: {self.total} input items: {self.done} done now, {self.skipped} already "
+            f"done, {self.failed_total} failed; {self.outputs} records in {self.output} "
+            f"({self.seconds:.1f} s)"
+        ]
+        if self.failed:
+            reasons = ", ".join(f"{code}: {n}" for code, n in self.failed.most_common())
+            out.append(f"{self.stage}: failures by reason: {reasons}; details in {self.errors}")
+        return out
+
+
+def _read_items(input_path: Path, stage: str) -> tuple[list[tuple[int, str, dict]], list[tuple[int, dict]]]:
+    """Input rows in order, and error entries (by position) for rows that cannot be items."""
+    items: list[tuple[int, str, dict]] = []
+    bad: list[tuple[int, dict]] = []
+    first_line: dict[str, int] = {}
+    for position, line in enumerate(iter_jsonl(input_path)):
+        if line.error:
+            bad.append((position, {"id": f"line-{line.number}", "ok": False, "code": "malformed_input", "reason": line.error}))
+            continue
+        raw_id = line.obj.get("id")
+        try:
+            item_id = check_id(raw_id)
+        except InvalidRecord as exc:
+            bad.append((position, {"id": f"line-{line.number}", "ok": False, "code": "invalid_id", "reason": f"line {line.number}: {exc}"}))
+            continue
+        if item_id in first_line:
+            bad.append((position, {"id": item_id, "ok": False, "code": "duplicate_id",
+                                   "reason": f"line {line.number} repeats the id of line {first_line[item_id]}"}))
+            continue
+        first_line[item_id] = line.number
+        items.append((position, item_id, line.obj))
+    return items, bad
+
+
+def run_stage(
+    stage: Stage,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    executor: Executor | None = None,
+    retry_failed: bool = True,
+    overwrite: bool = False,
+    limit: int | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Run ``stage`` over every record of ``input_path`` and write ``output_path`` (see module doc).
+
+    ``retry_failed``: items that failed in an earlier run are tried again (the default; a bad file
+    fails again quickly). ``overwrite``: forget earlier runs and start over. ``limit``: process at
+    most this many of the items not yet done (for trying a stage out).
+    """
+    input_path, output = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise StageConfigError(f"input file {input_path} does not exist")
+    if output.resolve() == input_path.resolve():
+        raise StageConfigError(f"output {output} is the input file; choose another output path")
+    executor = executor or LocalExecutor()
+    started = time.monotonic()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary(stage=stage.name, output=output, errors=errors_path(output))
+
+    with OutputLock(output, stage.name):
+        ledger = Ledger(ledger_path(output), stage.name, stage.settings_json())
+        if overwrite:
+            ledger.path.unlink(missing_ok=True)
+        ledger.load()
+        items, bad_rows = _read_items(input_path, stage.name)
+        summary.total = len(items) + len(bad_rows)
+
+        todo = []
+        for position, item_id, row in items:
+            entry = ledger.entries.get(item_id)
+            if entry is not None and (entry["ok"] or not retry_failed):
+                summary.skipped += 1
+            else:
+                todo.append((position, row))
+        if limit is not None:
+            todo = todo[:limit]
+        log.info(
+            "%s: %d input items, %d already done, %d to run on %d worker%s",
+            stage.name, summary.total, summary.skipped, len(todo), executor.workers,
+            "" if executor.workers == 1 else "s",
+        )
+
+        ledger.open()
+        bar = Progress(stage.name, len(todo), enabled=progress)
+        ids_by_position = {position: item_id for position, item_id, _ in items}
+        try:
+            for position, outcome in executor.run(stage, todo):
+                entry = {"id": ids_by_position[position], **outcome}
+                ledger.append(entry)
+                summary.done += outcome["ok"]
+                bar.update(outcome["ok"])
+        finally:
+            bar.close()
+            ledger.close()
+
+        # Materialise the output and errors from the ledger, in input order.
+        out_lines, error_lines, seen_out = [], [], {}
+        entries = [(p, ledger.entries.get(i)) for p, i, _ in items] + bad_rows
+        for position, entry in sorted(entries, key=lambda x: x[0]):
+            if entry is None:
+                continue  # not reached (limit)
+            if entry["ok"]:
+                dup = next((o["id"] for o in entry["outputs"] if o["id"] in seen_out), None)
+                if dup is None:
+                    for o in entry["outputs"]:
+                        seen_out[o["id"]] = entry["id"]
+                        out_lines.append(to_json_line(o))
+                    continue
+                entry = {"id": entry["id"], "ok": False, "code": "duplicate_output_id",
+                         "reason": f"output id {dup} was already produced by input {seen_out[dup]}"}
+            error = {"id": entry["id"], "stage": stage.name, "code": entry["code"], "reason": entry["reason"]}
+            if "traceback" in entry:
+                error["traceback"] = entry["traceback"]
+            error_lines.append(to_json_line(error))
+            summary.failed[entry["code"]] += 1
+        _write_atomically(output, out_lines)
+        _write_atomically(summary.errors, error_lines)
+        summary.outputs = len(out_lines)
+
+    summary.seconds = time.monotonic() - started
+    for line in summary.lines():
+        log.info(line)
+    return summary

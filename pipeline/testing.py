@@ -1,0 +1,45 @@
+"""Toy per-item functions for the runner's tests and benchmarks (importable by worker processes)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.runner import ItemError
+
+
+def echo_item(row: dict, settings: dict) -> dict:
+    """Return the row with a marker; behaviour is steered by fields of the row.
+
+    ``sleep``: seconds to sleep first; ``fail``: raise ItemError with this code; ``bug``: raise
+    ValueError; ``crash``: kill the worker process; ``fanout``: return that many records.
+    With ``settings["calls_dir"]``, every call leaves a file there, so tests can count calls.
+    """
+    if settings and settings.get("calls_dir"):
+        marker = Path(settings["calls_dir"]) / f"{row['id']}.{os.getpid()}.{time.monotonic_ns()}"
+        marker.touch()
+    time.sleep(float(row.get("sleep", 0)))
+    if row.get("crash"):
+        os._exit(17)
+    if row.get("fail"):
+        raise ItemError(row["fail"], f"item {row['id']} asked to fail with {row['fail']}")
+    if row.get("bug"):
+        raise ValueError(f"item {row['id']} hit a bug")
+    out = {**row, "seen": True, "tag": settings.get("tag") if settings else None}
+    fanout = int(row.get("fanout", 0))
+    if fanout:
+        return [{**out, "id": f"{row['id']}-{k}"} for k in range(fanout)]
+    return out
+
+
+def noop_item(row: dict, settings) -> dict:
+    return row
+
+
+def cpu_item(row: dict, settings) -> dict:
+    """About ``settings['work']`` iterations of pure-Python arithmetic: a CPU-bound item."""
+    acc = 0
+    for i in range(int(settings["work"])):
+        acc = (acc * 31 + i) % 1_000_003
+    return {"id": row["id"], "acc": acc}
