@@ -1,0 +1,1 @@
+"""One module per ``llark`` verb; each defines ``register(subparsers)``. ``llark.cli`` lists them."""

@@ -1,0 +1,59 @@
+"""What every verb shares: help formatting, the runner's options, option parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.runner import Executor, RunSummary, Stage, StageConfigError, make_executor, run_stage
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def add_verb(sub, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=summary, description=description, formatter_class=HelpFormatter)
+
+
+def add_runner_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runner")
+    g.add_argument("--workers", type=int, default=None, help="worker processes (default: the number of cores)")
+    g.add_argument("--executor", choices=["local", "inline"], default="local",
+                   help="local: worker processes; inline: this process, one item at a time (debugging)")
+    g.add_argument("--overwrite", action="store_true", help="forget earlier runs of this output and start over")
+    g.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
+                   help="skip items that failed in an earlier run instead of trying them again")
+    g.add_argument("--limit", type=int, default=None, help="process at most this many items not yet done")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
+    g.add_argument("--strict", action="store_true", help="exit with status 1 when any item failed")
+
+
+def executor_from_args(args) -> Executor:
+    if args.workers is not None and args.workers < 1:
+        raise StageConfigError(f"--workers must be at least 1, got {args.workers}")
+    return make_executor(args.executor, args.workers)
+
+
+def run_stage_from_args(stage: Stage, args) -> int:
+    """Run a stage with the runner options of ``args``; the exit status honours ``--strict``."""
+    executor = executor_from_args(args)
+    summary: RunSummary = run_stage(
+        stage, args.input, args.out, executor=executor, retry_failed=args.retry_failed,
+        overwrite=args.overwrite, limit=args.limit, progress=args.progress,
+    )
+    return 1 if args.strict and summary.failed_total else 0
+
+
+def parse_key_values(pairs: list[str], option: str = "--set") -> dict:
+    """``KEY=VALUE`` pairs to a dict; values are decoded as JSON when they are JSON (numbers, booleans)."""
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise StageConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
