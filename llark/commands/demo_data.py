@@ -31,5 +31,8 @@ def run(args) -> int:
         args.out, n_clips=args.clips, seed=args.seed, duration_s=args.duration,
         sample_rate=args.sample_rate, long_tracks=args.long_tracks,
     )
-    print(f"demo dataset: {summary}")
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items()))
+    how = f"generated in {summary.seconds:.1f} s" if summary.generated else "already there, same parameters"
+    long = f" and {summary.n_long} long tracks" if summary.n_long else ""
+    print(f"demo dataset: {summary.n_clips} clips ({splits}){long} in {summary.out_dir} ({how})")
     return 0
