@@ -260,12 +260,17 @@ class InlineExecutor:
             yield index, run_item(stage.process, row, state)
 
 
-def make_executor(name: str, workers: int | None = None) -> Executor:
+def make_executor(name: str, workers: int | None = None, **ray_options: Any) -> Executor:
+    """``local``, ``inline`` or ``ray`` (``ray_options`` go to ``pipeline.ray_executor.RayExecutor``)."""
     if name == "local":
         return LocalExecutor(workers)
     if name == "inline":
         return InlineExecutor()
-    raise StageConfigError(f"--executor: unknown executor {name!r} (choose 'local' or 'inline')")
+    if name == "ray":
+        from pipeline.ray_executor import RayExecutor
+
+        return RayExecutor(workers=workers, **ray_options)
+    raise StageConfigError(f"--executor: unknown executor {name!r} (choose 'local', 'inline' or 'ray')")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,20 +19,34 @@ def add_verb(sub, name: str, summary: str, description: str) -> argparse.Argumen
 def add_runner_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runner")
     g.add_argument("--workers", type=int, default=None, help="worker processes (default: the number of cores)")
-    g.add_argument("--executor", choices=["local", "inline"], default="local",
-                   help="local: worker processes; inline: this process, one item at a time (debugging)")
+    g.add_argument("--executor", choices=["local", "inline", "ray"], default="local",
+                   help="local: worker processes; inline: this process, one item at a time (debugging); "
+                   "ray: a Ray cluster (needs the 'ray' extra)")
     g.add_argument("--overwrite", action="store_true", help="forget earlier runs of this output and start over")
     g.add_argument("--no-retry-failed", dest="retry_failed", action="store_false",
                    help="skip items that failed in an earlier run instead of trying them again")
     g.add_argument("--limit", type=int, default=None, help="process at most this many items not yet done")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
     g.add_argument("--strict", action="store_true", help="exit with status 1 when any item failed")
+    r = p.add_argument_group("ray executor (with --executor ray)")
+    r.add_argument("--address", default="auto",
+                   help="the Ray cluster: 'auto' (found from this node), HOST:PORT, or 'local' (start one here)")
+    r.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs per task or actor")
+    r.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per actor")
+    r.add_argument("--ray-actors", action="store_true",
+                   help="a fixed pool of actors that load the model once (GPU stages) instead of tasks")
+    r.add_argument("--ray-batch-size", type=int, default=1, help="items per task or actor call")
 
 
 def executor_from_args(args) -> Executor:
     if args.workers is not None and args.workers < 1:
         raise StageConfigError(f"--workers must be at least 1, got {args.workers}")
-    return make_executor(args.executor, args.workers)
+    if args.executor != "ray":
+        return make_executor(args.executor, args.workers)
+    return make_executor(
+        "ray", args.workers, address=args.address, num_cpus=args.ray_num_cpus, num_gpus=args.ray_num_gpus,
+        use_actors=args.ray_actors, batch_size=args.ray_batch_size,
+    )
 
 
 def run_stage_from_args(stage: Stage, args) -> int:
