@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runner import StageConfigError
+    from pipeline.runner import RunAborted, StageConfigError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageConfigError as exc:
         print(f"llark {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except RunAborted as exc:
+        print(f"llark {args.verb}: {exc}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"llark {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ plugs in beside ``LocalExecutor`` without touching the per-item functions.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import json
 import logging
 import multiprocessing
@@ -68,6 +69,14 @@ class StageConfigError(ValueError):
 
 class OutputLocked(StageConfigError):
     """Another live run is writing the same output."""
+
+
+class RunAborted(RuntimeError):
+    """The run cannot go on (the disk is full or read-only); what was finished is kept in the ledger."""
+
+
+# Errors of the machine, not of an item: carrying on would only fail every following item.
+FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,12 @@ def run_item(process: Callable, row: dict, state: Any) -> dict:
         return {"ok": False, "code": "invalid_record", "reason": str(exc)}
     except MemoryError:
         return {"ok": False, "code": "out_of_memory", "reason": "ran out of memory on this item"}
+    except OSError as exc:
+        if exc.errno in FATAL_ERRNOS:
+            return {"ok": False, "fatal": True, "code": "disk_full" if exc.errno != errno.EROFS else "read_only",
+                    "reason": f"{exc.strerror}: {exc.filename or ''}".rstrip(": ")}
+        return {"ok": False, "code": f"exception:{type(exc).__name__}", "reason": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=8)}
     except Exception as exc:  # a bug or an unforeseen input: keep the traceback for the report
         return {
             "ok": False,
@@ -579,15 +594,35 @@ def run_stage(
         ledger.open()
         bar = Progress(stage.name, len(todo), enabled=progress)
         ids_by_position = {position: item_id for position, item_id, _ in items}
+        aborted = None
+        results = executor.run(stage, todo)
         try:
-            for position, outcome in executor.run(stage, todo):
+            for position, outcome in results:
+                if outcome.get("fatal"):
+                    aborted = f"item {ids_by_position[position]}: {outcome['reason']}"
+                    break
                 entry = {"id": ids_by_position[position], **outcome}
-                ledger.append(entry)
+                try:
+                    ledger.append(entry)
+                except OSError as exc:
+                    aborted = f"writing {ledger.path}: {exc.strerror or exc}"
+                    break
                 summary.done += outcome["ok"]
                 bar.update(outcome["ok"])
         finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()  # stops the executor's workers when the loop ended early
             bar.close()
-            ledger.close()
+            try:
+                ledger.close()
+            except OSError as exc:
+                aborted = aborted or f"writing {ledger.path}: {exc.strerror or exc}"
+        if aborted:
+            raise RunAborted(
+                f"{stage.name} stopped: {aborted}. The {summary.done} items finished in this run are "
+                f"kept in {ledger.path}; free space and rerun the same command to go on."
+            )
 
         # Materialise the output and errors from the ledger, in input order.
         out_lines, error_lines, seen_out = [], [], {}

@@ -43,3 +43,13 @@ def cpu_item(row: dict, settings) -> dict:
     for i in range(int(settings["work"])):
         acc = (acc * 31 + i) % 1_000_003
     return {"id": row["id"], "acc": acc}
+
+
+def disk_full_on(row: dict, settings: dict) -> dict:
+    """Like echo_item, but the item named ``settings['full_at']`` hits a full disk while the file
+    ``settings['disk_full_flag']`` exists (delete it to "free space")."""
+    if row["id"] == settings["full_at"] and Path(settings["disk_full_flag"]).exists():
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/clip.wav")
+    return {**row, "seen": True}
