@@ -1,0 +1,150 @@
+"""Encoder costs: the features encoder on one core, the tiny random Jukebox on CPU, and the GPU
+memory the real 36-layer Jukebox cut needs.
+
+    .venv/bin/python benchmarks/embed.py               # 20 clips of 25 s
+    .venv/bin/python benchmarks/embed.py --clips 50 --skip-librosa
+
+Prints:
+
+- features encoder: 25 s clips per second on one core (one BLAS/FFT thread, as each runner worker
+  has), and, when librosa is installed, the same representation computed with librosa for
+  comparison (its import and first-call JIT cost included), which is why the encoder uses
+  numpy/scipy only;
+- jukebox on CPU: load time and cost per 25 s clip of the tiny random-init model of the same
+  architecture (the code path the real weights take, at a size that runs here);
+- jukebox on GPU: parameters and an estimate of the activations of the real cut (Jukebox-5B, 36
+  layers, width 4800, 8192-token windows) for 25 s clips, and the multiply-adds per clip, so a
+  user can size workers (one worker per GPU) and --batch-windows.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # one core, as each runner worker gets
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SR = 44_100
+GB = 1e9
+
+
+def synthetic_clip(seconds: float, seed: int) -> np.ndarray:
+    """Chords, a bass line and drums at a random tempo: enough structure for every column to work."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    bpm = rng.uniform(70, 160)
+    beat = 60.0 / bpm
+    x = np.zeros_like(t)
+    for k, root in enumerate(rng.choice([0, 5, 7, 9], size=int(seconds / (4 * beat)) + 1)):
+        span = (t >= k * 4 * beat) & (t < (k + 1) * 4 * beat)
+        for interval in (0, 4, 7):
+            x[span] += 0.15 * np.sin(2 * np.pi * 261.63 * 2 ** ((root + interval) / 12) * t[span])
+        x[span] += 0.2 * np.sin(2 * np.pi * 65.41 * 2 ** (root / 12) * t[span])
+    for onset in np.arange(0, seconds, beat):
+        i = int(onset * SR)
+        n = min(3000, len(x) - i)
+        x[i : i + n] += 0.5 * rng.standard_normal(n) * np.exp(-np.arange(n) / 400)
+    return (x / np.abs(x).max()).astype(np.float32)
+
+
+def bench_features(clips: list[np.ndarray], skip_librosa: bool) -> None:
+    from pipeline.encoders.features import FeaturesEncoder
+
+    encoder = FeaturesEncoder()
+    encoder.encode(clips[0], SR)
+    start = time.perf_counter()
+    for clip in clips:
+        encoder.encode(clip, SR)
+    seconds = time.perf_counter() - start
+    print(f"features encoder (numpy/scipy), one core: {len(clips) / seconds:.2f} clips/s "
+          f"({1000 * seconds / len(clips):.0f} ms per 25 s clip)")
+    if skip_librosa:
+        return
+    try:
+        start = time.perf_counter()
+        import librosa
+    except ImportError:
+        print("  librosa not installed: no comparison")
+        return
+
+    def with_librosa(y):
+        mel = librosa.feature.melspectrogram(y=y, sr=SR, n_fft=2048, hop_length=441, n_mels=64)
+        chroma = librosa.feature.chroma_stft(y=y, sr=SR, n_fft=8192, hop_length=2205)
+        onset = librosa.onset.onset_strength(y=y, sr=SR, hop_length=441)
+        tempogram = librosa.feature.tempogram(onset_envelope=onset, sr=SR, hop_length=441, win_length=800)
+        return mel, chroma, tempogram
+
+    with_librosa(clips[0])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for clip in clips:
+        with_librosa(clip)
+    seconds = time.perf_counter() - start
+    print(f"  the same with librosa {librosa.__version__}: {len(clips) / seconds:.2f} clips/s, "
+          f"plus {first:.1f} s to import it and JIT-compile on first use (per worker process)")
+
+
+def bench_jukebox_cpu(clips: list[np.ndarray]) -> None:
+    import torch
+
+    from pipeline.encoders import jukebox as jb
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as weights:
+        jb.write_random_weights(weights, jb.JUKEBOX_TINY)
+        start = time.perf_counter()
+        encoder = jb.build(jb.check_options({"weights_dir": weights, "architecture": "tiny", "layer": 3}))
+        load = time.perf_counter() - start
+        encoder.encode(clips[0], SR)
+        start = time.perf_counter()
+        for clip in clips[:5]:
+            out = encoder.encode(clip, SR)
+        seconds = (time.perf_counter() - start) / min(5, len(clips))
+    arch = jb.JUKEBOX_TINY
+    print(f"jukebox, tiny random model (width {arch.width}, {arch.depth} layers cut at 3, {arch.n_ctx}-token "
+          f"windows), CPU, one thread: load {load:.1f} s, {seconds:.2f} s per 25 s clip -> {out.shape}")
+
+
+def bench_jukebox_gpu_estimate() -> None:
+    from pipeline.encoders import jukebox as jb
+
+    arch, layer = jb.JUKEBOX_5B, jb.DEFAULT_LAYER
+    print(f"jukebox-5b cut after layer {layer} on a GPU (estimate; float16 or bfloat16 transformer):")
+    for batch in (1, 2, 4):
+        e = jb.estimate_gpu_memory(arch, layer, compute_bytes=2, batch_windows=batch)
+        print(f"  --batch-windows {batch}: weights {e['transformer_weights'] / GB:.2f} GB (16-bit transformer) + "
+              f"{e['float32_weights'] / GB:.2f} GB (float32 embeddings, norms, VQ-VAE encoder) + activations "
+              f"{batch} x {e['activations_per_window'] / GB:.2f} GB = {e['total'] / GB:.1f} GB, plus the CUDA "
+              "context (about 0.5 GB) and allocator slack")
+    e = jb.estimate_gpu_memory(arch, layer, compute_bytes=4)
+    print(f"  --compute-dtype float32: {e['total'] / GB:.1f} GB")
+    per_layer = 4800 * 3600 + 1200 * 4800 + 2 * 4800 * 4800
+    windows = len(jb.plan_windows(25 * SR // arch.hop_length, arch.n_ctx))
+    macs = windows * arch.n_ctx * layer * per_layer
+    print(f"  a 25 s clip is {windows} windows of {arch.n_ctx} tokens: {2 * macs / 1e12:.0f} TFLOP in the "
+          "transformer's matrix products (attention scores add under 1%); --context truncate halves it")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=20, help="25 s clips for the features encoder")
+    parser.add_argument("--skip-librosa", action="store_true")
+    args = parser.parse_args()
+    clips = [synthetic_clip(25.0, seed) for seed in range(args.clips)]
+    bench_features(clips, args.skip_librosa)
+    bench_jukebox_cpu(clips)
+    bench_jukebox_gpu_estimate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Audio encoders: clip audio → a frame-level array ``[frames, dim]``, selected by name.
+
+Every encoder has a ``name``, an output dimension ``dim``, a frame rate ``frame_rate_hz``, the
+transformer ``layer`` it reads (``None`` when that means nothing), and
+``encode(audio, sr) -> float32 array [frames, dim]``. ``encode_batch`` encodes several clips at
+once where the encoder can batch (Jukebox); otherwise it encodes them one after another.
+``config()`` returns what, besides the name, layer, rate and dimension, decides the numbers it
+produces; it is written into ``encoder.json``.
+
+================  =====  ========  ==========================================================
+name              dim    rate      what it is
+================  =====  ========  ==========================================================
+``features``      128    10 Hz     log-mel bands, chroma, onset strength and a tempogram; no
+                                   weights, numpy/scipy only (the embedded default)
+``jukebox``       4800   10 Hz     Jukebox-5B's top prior cut after layer 36, mean-pooled in
+                                   100 ms windows (the paper's encoder); needs its weights
+================  =====  ========  ==========================================================
+
+``encoder.json`` (see :func:`encoder_manifest`) sits beside the embeddings and beside the shards so
+that a consumer can refuse arrays that came from another encoder, layer, rate, dimension or dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from pipeline.runner import StageConfigError
+
+ENCODER_MODULES = {
+    "features": "pipeline.encoders.features",
+    "jukebox": "pipeline.encoders.jukebox",
+}
+ENCODER_JSON = "encoder.json"
+MANIFEST_VERSION = 1
+# The fields a consumer must agree on; package versions are recorded but only informative.
+IDENTITY_FIELDS = ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")
+OUTPUT_DTYPES = ("float16", "float32")
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    name: str
+    dim: int
+    frame_rate_hz: float
+    layer: int | None
+
+    def encode(self, audio: np.ndarray, sr: int) -> np.ndarray: ...
+
+    def encode_batch(self, clips: list[tuple[np.ndarray, int]]) -> list[np.ndarray]: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def encoder_module(name: str):
+    """The module that implements encoder ``name``; an unknown name fails naming ``--encoder``."""
+    if name not in ENCODER_MODULES:
+        raise StageConfigError(
+            f"--encoder: unknown encoder {name!r} (choose from {', '.join(sorted(ENCODER_MODULES))})"
+        )
+    return importlib.import_module(ENCODER_MODULES[name])
+
+
+def check_encoder_options(name: str, options: dict[str, Any], *, devices_here: bool = True) -> dict[str, Any]:
+    """Validate an encoder's options before any work; return them completed with defaults.
+
+    Raises ``StageConfigError`` naming the command-line option at fault (an unknown encoder, a
+    missing weights directory or file, a device that is not there, ...). ``devices_here=False``
+    when the workers run on other machines (Ray): their devices cannot be checked from here.
+    """
+    return encoder_module(name).check_options(dict(options), devices_here=devices_here)
+
+
+def build_encoder(name: str, options: dict[str, Any]) -> Encoder:
+    """Build encoder ``name`` (load its model, if any) from options that passed the check."""
+    return encoder_module(name).build(dict(options))
+
+
+def describe_encoder(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``name``, ``layer``, ``frame_rate_hz``, ``dim``, ``config`` and the names of the packages whose
+    versions matter (``packages``), without loading any model."""
+    return encoder_module(name).describe(dict(options))
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def encoder_manifest(description: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The content of ``encoder.json`` for embeddings written in ``dtype`` by the described encoder."""
+    if dtype not in OUTPUT_DTYPES:
+        raise StageConfigError(f"--dtype: must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "name": description["name"],
+        "layer": description["layer"],
+        "frame_rate_hz": description["frame_rate_hz"],
+        "dim": description["dim"],
+        "dtype": dtype,
+        "config": description["config"],
+        "packages": package_versions(("llark", "numpy", *description.get("packages", ()))),
+    }
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an ``encoder.json`` (a file, or the directory holding one); raise naming what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / ENCODER_JSON
+    if not path.is_file():
+        raise StageConfigError(f"{path} does not exist: embeddings and shards carry an {ENCODER_JSON}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StageConfigError(f"{path} is not readable JSON: {exc}") from None
+    missing = [k for k in IDENTITY_FIELDS if k not in manifest]
+    if not isinstance(manifest, dict) or missing:
+        raise StageConfigError(f"{path} is not an encoder manifest (missing {', '.join(missing)})")
+    if manifest["dtype"] not in OUTPUT_DTYPES or not isinstance(manifest["dim"], int) or manifest["dim"] < 1:
+        raise StageConfigError(f"{path}: dtype must be one of {OUTPUT_DTYPES} and dim a positive integer")
+    return manifest
+
+
+def manifest_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    """The identity fields on which two manifests disagree, as ``field: a != b`` lines."""
+    return [
+        f"{key}: {json.dumps(expected.get(key), sort_keys=True)} != {json.dumps(found.get(key), sort_keys=True)}"
+        for key in IDENTITY_FIELDS
+        if expected.get(key) != found.get(key)
+    ]
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``encoder.json`` into ``directory`` atomically; return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / ENCODER_JSON
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def prepare_audio(audio: np.ndarray, sr: int, target_sr: int = 44_100) -> np.ndarray:
+    """Mono float32 at ``target_sr``, peak-normalised; raises ValueError on empty or non-finite audio."""
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=1, dtype=np.float64).astype(np.float32)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"expected a non-empty mono (or [samples, channels]) array, got shape {np.shape(audio)}")
+    if not np.isfinite(x).all():
+        raise ValueError("the audio holds NaN or infinite samples")
+    if sr != target_sr:
+        import soxr
+
+        x = soxr.resample(x, sr, target_sr, quality="HQ").astype(np.float32)
+    peak = float(np.max(np.abs(x)))
+    return x / peak if peak > 0 else x
