@@ -1,0 +1,948 @@
+"""The offline Q/A writer: grammatical, varied question/answer pairs from a clip's JSON, no model.
+
+It reads the same JSON the language model would get (``metadata.clip_metadata``), turns it into
+``Facts`` (tempo, key, metre, chords, genres, instruments, vocals, moods, themes, tags, and for
+note-level data the order of entrances, registers and density), and writes:
+
+- understanding: one pair per property the clip has, plus yes/no questions about instruments
+  that are known to play (never about ones that are not listed: a tag list is not exhaustive);
+- captioning: one description, built sentence by sentence from the facts;
+- reasoning: up to ``REASONING_PAIRS`` answers that combine several facts (tempo and metre
+  into how the music moves, key and tempo into its mood, roles of the instruments, where it
+  would fit, what to change to make it calmer or livelier, how to play along, how to write more
+  of it, in what order the instruments enter).
+
+Every choice of wording and order is drawn from a generator seeded by (seed, clip id, family), so
+a run is reproducible and a different seed gives different phrasings. A clip with too little to
+say for a family raises ``ItemError("too_little_metadata")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipeline.runner import ItemError
+
+TEMPLATE_VERSION = "1"
+REASONING_PAIRS = 4
+INSTRUMENT_QUESTIONS = 2
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies: how datasets spell things, and what they mean
+
+MTG_GENRES = {
+    "hiphop": "hip-hop", "rnb": "R&B", "drumnbass": "drum and bass", "easylistening": "easy listening",
+    "newage": "new age", "triphop": "trip-hop", "poprock": "pop rock", "idm": "IDM", "chillout": "chill-out",
+    "darkambient": "dark ambient", "bossanova": "bossa nova", "alternativerock": "alternative rock",
+    "singersongwriter": "singer-songwriter", "worldfusion": "world fusion", "deephouse": "deep house",
+    "jazzfusion": "jazz fusion", "hardrock": "hard rock", "acidjazz": "acid jazz", "rocknroll": "rock and roll",
+    "electropop": "electropop", "synthpop": "synth-pop", "edm": "EDM", "lounge": "lounge", "dubstep": "dubstep",
+    "breakbeat": "breakbeat", "eurodance": "Eurodance", "postrock": "post-rock", "newwave": "new wave",
+    "hardcore": "hardcore", "reggae": "reggae", "90s": "1990s pop", "80s": "1980s pop", "60s": "1960s pop",
+}
+MTG_INSTRUMENTS = {
+    "electricguitar": "electric guitar", "acousticguitar": "acoustic guitar", "classicalguitar": "classical guitar",
+    "drummachine": "drum machine", "electricpiano": "electric piano", "doublebass": "double bass",
+    "acousticbassguitar": "acoustic bass guitar", "pipeorgan": "pipe organ", "rhodes": "Rhodes piano",
+    "synthesizer": "synthesizer", "computer": "computer-made sounds", "beat": "a programmed beat",
+    "pad": "synth pad", "sampler": "samples", "voice": "voice", "bongo": "bongos", "bell": "bells",
+}
+MTG_THEMES = {
+    "film", "movie", "christmas", "advertising", "commercial", "corporate", "documentary", "background",
+    "children", "game", "holiday", "nature", "party", "retro", "space", "sport", "summer", "trailer",
+    "travel", "love", "soundscape", "ballad", "action", "adventure", "horror", "wedding", "sexy", "fun",
+}
+MTG_MOOD_WORDS = {"dream": "dreamy", "melancholic": "melancholic", "funny": "funny"}
+
+MAGNA_GENRES = {
+    "classical": "classical", "clasical": "classical", "rock": "rock", "hard rock": "hard rock",
+    "soft rock": "soft rock", "jazz": "jazz", "jazzy": "jazz", "folk": "folk", "ambient": "ambient",
+    "new age": "new age", "funk": "funk", "funky": "funk", "country": "country", "reggae": "reggae",
+    "electronic": "electronic", "electronica": "electronic", "electro": "electronic", "trance": "trance",
+    "heavy metal": "heavy metal", "metal": "metal", "disco": "disco", "industrial": "industrial",
+    "jungle": "jungle", "pop": "pop", "punk": "punk", "blues": "blues", "techno": "techno", "house": "house",
+    "rap": "rap", "hip hop": "hip-hop", "baroque": "baroque", "medieval": "medieval", "celtic": "Celtic",
+    "irish": "Irish folk", "opera": "opera", "world": "world", "middle eastern": "Middle Eastern",
+    "indian": "Indian", "india": "Indian", "arabic": "Arabic", "oriental": "East Asian", "eastern": "Eastern",
+    "spanish": "Spanish", "tribal": "tribal", "dance": "dance",
+}
+MAGNA_INSTRUMENTS = {
+    "guitar": "guitar", "guitars": "guitar", "acoustic guitar": "acoustic guitar",
+    "electric guitar": "electric guitar", "classical guitar": "classical guitar", "piano": "piano",
+    "piano solo": "piano", "harpsichord": "harpsichord", "harpsicord": "harpsichord", "sitar": "sitar",
+    "clarinet": "clarinet", "woodwind": "woodwinds", "horns": "horns", "horn": "horn", "banjo": "banjo",
+    "violin": "violin", "violins": "violins", "fiddle": "fiddle", "strings": "strings", "string": "strings",
+    "synth": "synthesizer", "synthesizer": "synthesizer", "trumpet": "trumpet", "percussion": "percussion",
+    "drum": "drums", "drums": "drums", "bongos": "bongos", "bass": "bass", "keyboard": "keyboard",
+    "organ": "organ", "bells": "bells", "chimes": "chimes", "harp": "harp", "lute": "lute", "oboe": "oboe",
+    "viola": "viola", "cello": "cello", "flute": "flute", "flutes": "flute", "sax": "saxophone",
+    "orchestra": "orchestra", "choir": "choir", "clapping": "hand claps",
+}
+MAGNA_MOODS = {
+    "heavy": "heavy", "eerie": "eerie", "spacey": "spacey", "quiet": "quiet", "happy": "happy", "airy": "airy",
+    "repetitive": "repetitive", "loud": "loud", "weird": "weird", "dark": "dark", "strange": "strange",
+    "mellow": "mellow", "light": "light", "sad": "sad", "scary": "scary", "calm": "calm", "upbeat": "upbeat",
+    "soft": "soft", "deep": "deep", "hard": "hard",
+}
+FEMALE_VOICE = {"female singing", "female opera", "female", "female voice", "girl", "female vocal", "woman",
+                "woman singing", "female vocals", "female singer", "women", "soprano"}
+MALE_VOICE = {"male vocal", "men", "male voice", "male singer", "man singing", "male opera", "man",
+              "male vocals", "male", "monks"}
+VOCAL_TAGS = FEMALE_VOICE | MALE_VOICE | {"singer", "duet", "chorus", "vocals", "vocal", "voice", "voices",
+                                          "chanting", "chant", "talking", "choral", "opera", "operatic",
+                                          "singing", "choir", "rap"}
+NO_VOCAL_TAGS = {"no voice", "no voices", "no vocal", "no vocals", "no singing", "no singer", "instrumental"}
+
+# Nouns that take no article ("there are drums", "there is percussion").
+PLURAL_NOUNS = {"drums", "strings", "vocals", "horns", "violins", "woodwinds", "bongos", "bells", "chimes",
+                "hand claps", "voices", "guitars", "flutes", "samples", "computer-made sounds", "keys"}
+MASS_NOUNS = {"percussion", "brass"}
+NOUN_GENRES = {"waltz", "ballad", "march", "lullaby", "hymn", "tango", "polka", "sonata", "symphony", "minuet"}
+
+ROLES = (  # (role, the words that say which instruments have it); first match wins
+    ("beat", ("drum", "percussion", "bongo", "clap", "beat", "conga", "tabla", "cymbal")),
+    ("bass", ("bass", "contrabass", "bassoon", "tuba")),
+    ("melody", ("voice", "vocal", "violin", "flute", "oboe", "clarinet", "trumpet", "saxophone", "lead",
+                "fiddle", "harmonica", "sitar", "recorder", "whistle", "choir")),
+    ("harmony", ("piano", "guitar", "organ", "harpsichord", "pad", "strings", "keyboard", "accordion",
+                 "synthesizer", "synth", "harp", "lute", "banjo", "ukulele", "viola", "cello", "horn")),
+)
+ROLE_PHRASES = {  # (singular, plural) verb phrases
+    "beat": (("keeps the beat", "keep the beat"), ("drives the rhythm", "drive the rhythm"),
+             ("marks the pulse", "mark the pulse")),
+    "bass": (("anchors the harmony from below", "anchor the harmony from below"),
+             ("holds down the low end", "hold down the low end"),
+             ("lays the foundation under the chords", "lay the foundation under the chords")),
+    "melody": (("carries the melody", "carry the melody"), ("sings the main line", "sing the main line"),
+               ("takes the lead", "take the lead")),
+    "harmony": (("fills in the chords", "fill in the chords"), ("supplies the harmony", "supply the harmony"),
+                ("provides the harmonic backdrop", "provide the harmonic backdrop")),
+}
+
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
+SHARP_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+FLAT_NAMES = ("C", "Db", "D", "Eb", "E", "F", "Gb", "G", "Ab", "A", "Bb", "B")
+CHORD_QUALITIES = {
+    "maj": "major", "min": "minor", "7": "dominant seventh", "maj7": "major seventh", "min7": "minor seventh",
+    "dim": "diminished", "aug": "augmented", "sus2": "suspended second", "sus4": "suspended fourth",
+    "dim7": "diminished seventh", "hdim7": "half-diminished seventh", "minmaj7": "minor-major seventh",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+@dataclass
+class Facts:
+    tempo_bpm: float | None = None
+    key: str | None = None  # "F# minor"
+    beats_per_bar: int | None = None
+    chords: list[str] = field(default_factory=list)  # distinct, in order of first appearance
+    seconds_per_chord: float | None = None
+    progression: str | None = None  # Roman numerals, when the dataset gives them
+    genres: list[str] = field(default_factory=list)
+    instruments: list[str] = field(default_factory=list)
+    instruments_complete: bool = False  # the list names every instrument (note-level data, the demo)
+    vocals: bool | None = None
+    voice: str | None = None  # "female", "male"
+    moods: list[str] = field(default_factory=list)
+    themes: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    ensemble: str | None = None
+    entrances: list[tuple[str, float]] = field(default_factory=list)  # (instrument, first onset s)
+    registers: dict[str, tuple[str, str]] = field(default_factory=dict)  # instrument -> (lowest, highest)
+    notes_per_second: float | None = None
+
+    @property
+    def mode(self) -> str | None:
+        return self.key.split()[-1] if self.key and self.key.split()[-1] in ("major", "minor") else None
+
+    @property
+    def tonic(self) -> str | None:
+        return self.key.split()[0] if self.key else None
+
+
+def clip_facts(metadata: dict, dataset: str) -> Facts:
+    f = Facts()
+    f.tempo_bpm = _positive(metadata.get("tempo_bpm")) or _positive(metadata.get("tempo_in_beats_per_minute_madmom"))
+    f.key = readable_key(metadata.get("key") or metadata.get("key_madmom"))
+    f.beats_per_bar = _metre_beats(metadata.get("metre")) or _grid_beats(metadata.get("beat_grid_madmom"))
+    f.chords, f.seconds_per_chord = _chords(metadata.get("chords_madmom"))
+    if isinstance(metadata.get("progression"), str):
+        f.progression = metadata["progression"].replace("-", "–")
+    if dataset == "fma":
+        f.genres = _unique([metadata.get("track.genre_top"), *(metadata.get("track.genres") or [])])
+        f.tags = [t for t in _unique(metadata.get("track.tags") or []) if re.fullmatch(r"[a-z][a-z &'-]{1,24}", t.lower())
+                  and len(t.split()) <= 3][:8]
+    elif dataset == "mtg_jamendo":
+        f.genres = [MTG_GENRES.get(g, g) for g in metadata.get("genres") or []]
+        f.instruments = [MTG_INSTRUMENTS.get(i, i) for i in metadata.get("instruments") or []]
+        if "voice" in (metadata.get("instruments") or []):
+            f.vocals = True
+        for mood in metadata.get("moods") or []:
+            (f.themes if mood in MTG_THEMES else f.moods).append(MTG_MOOD_WORDS.get(mood, mood))
+    elif dataset == "magnatagatune":
+        _magnatagatune_facts(f, metadata.get("tags") or [])
+    else:
+        genre = metadata.get("genre") or metadata.get("genres")
+        f.genres = _unique(genre if isinstance(genre, list) else [genre])
+        f.instruments = _unique(metadata.get("instruments") or [])
+        f.instruments_complete = bool(f.instruments) and dataset in ("musicnet", "demo")
+        f.moods = _unique(metadata.get("moods") or metadata.get("mood") or [])
+        f.tags = _unique(metadata.get("tags") or [])[:8] if isinstance(metadata.get("tags"), list) else []
+        if isinstance(metadata.get("ensemble"), str):
+            f.ensemble = metadata["ensemble"]
+        if isinstance(metadata.get("notes"), dict):
+            _note_facts(f, metadata["notes"])
+    f.genres = _unique(tidy_label(g) for g in f.genres)
+    f.instruments = _unique(tidy_label(i) for i in f.instruments if "voice" not in str(i).lower())
+    f.moods, f.themes, f.tags = (_unique(tidy_label(x) for x in xs) for xs in (f.moods, f.themes, f.tags))
+    return f
+
+
+def _magnatagatune_facts(f: Facts, tags: list[str]) -> None:
+    tags = [t.lower() for t in tags]
+    f.genres = [MAGNA_GENRES[t] for t in tags if t in MAGNA_GENRES]
+    f.instruments = [MAGNA_INSTRUMENTS[t] for t in tags if t in MAGNA_INSTRUMENTS and t != "choir"]
+    f.moods = [MAGNA_MOODS[t] for t in tags if t in MAGNA_MOODS]
+    if any(t in NO_VOCAL_TAGS for t in tags):
+        f.vocals = False
+    elif any(t in VOCAL_TAGS for t in tags):
+        f.vocals = True
+        female, male = any(t in FEMALE_VOICE for t in tags), any(t in MALE_VOICE for t in tags)
+        f.voice = "female" if female and not male else "male" if male and not female else None
+    f.tags = [t for t in tags if not t.startswith(("no ", "not ")) and t not in ("lol", "silence")][:8]
+
+
+def _note_facts(f: Facts, notes: dict[str, list[dict]]) -> None:
+    first: dict[str, float] = {}
+    span_end, count = 0.0, 0
+    for instrument, played in notes.items():
+        if not played:
+            continue
+        first[instrument] = min(n["start"] for n in played)
+        midis = [m for m in (_midi(n.get("pitch")) for n in played) if m is not None]
+        if midis:
+            f.registers[instrument] = (_pitch_name(min(midis)), _pitch_name(max(midis)))
+        span_end = max(span_end, max(n["end"] for n in played))
+        count += len(played)
+    f.entrances = sorted(first.items(), key=lambda x: (x[1], x[0]))
+    if count and span_end > 0:
+        f.notes_per_second = count / span_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_pairs(family: str, facts: Facts, rng: random.Random, caption_questions: tuple[str, ...]) -> list[dict]:
+    if family == "understanding":
+        pairs = understanding_pairs(facts, rng)
+    elif family == "captioning":
+        caption = caption_text(facts, rng)
+        pairs = [{"question": rng.choice(caption_questions), "answer": caption}] if caption else []
+    else:
+        pairs = reasoning_pairs(facts, rng)
+    if not pairs:
+        raise ItemError("too_little_metadata", f"the clip's JSON holds too little to write {family} pairs from")
+    return pairs
+
+
+def item_rng(seed: int, clip_id: str, family: str) -> random.Random:
+    digest = hashlib.sha256(f"{seed}:{clip_id}:{family}".encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def understanding_pairs(f: Facts, rng: random.Random) -> list[dict]:
+    writers: list[Callable[[Facts, random.Random], tuple[str, str]]] = []
+    if f.tempo_bpm:
+        writers.append(_tempo_pair)
+    if f.key:
+        writers.append(rng.choice([_key_pair, _mode_pair]) if f.mode else _key_pair)
+    if f.beats_per_bar:
+        writers.append(_metre_pair)
+    if f.chords:
+        writers.append(_chords_pair)
+    if f.progression:
+        writers.append(_progression_pair)
+    if f.genres:
+        writers.append(_genre_pair)
+    if f.instruments:
+        writers.append(_instruments_pair)
+    if f.vocals is not None:
+        writers.append(_vocals_pair)
+    if f.moods:
+        writers.append(_mood_pair)
+    if f.themes:
+        writers.append(_theme_pair)
+    if f.tags:
+        writers.append(_tags_pair)
+    pairs = [_pair(*w(f, rng)) for w in writers]
+    for instrument in rng.sample(f.instruments, min(INSTRUMENT_QUESTIONS, len(f.instruments))):
+        pairs.append(_pair(*_has_instrument_pair(instrument, rng)))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def _tempo_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    bpm, (pace, pace_phrase) = fmt_bpm(f.tempo_bpm), pace_words(f.tempo_bpm)
+    question = rng.choice([
+        "What is the tempo of this piece in beats per minute?", "How fast is this music?",
+        "Roughly what BPM is this track?", "What tempo is this clip played at?",
+        "Can you estimate the tempo of this song?", "Is this a fast or a slow piece?",
+    ])
+    answer = rng.choice([
+        f"The tempo is about {bpm} BPM, {pace_phrase}.",
+        f"It moves at roughly {bpm} beats per minute, which is {pace}.",
+        f"It is {pace}: about {bpm} beats per minute.",
+        f"I'd put it at around {bpm} BPM, {pace_phrase}.",
+    ])
+    return question, answer
+
+
+def _key_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "What key is this piece in?", "Which key is this music in?", "What is the key of this song?",
+        "In what key is this clip?", "What is the tonal centre of this music?",
+    ])
+    answers = [f"It is in {f.key}.", f"The music is in {f.key}, with {f.tonic} as its home note."]
+    if f.mode:
+        relative = relative_key(f.key)
+        answers.append(f"{f.key[0].upper()}{f.key[1:]}: the tonic is {f.tonic} and the mode is {f.mode}.")
+        if relative:
+            answers.append(f"It is in {f.key}, whose relative {'major' if f.mode == 'minor' else 'minor'} is {relative}.")
+    return question, rng.choice(answers)
+
+
+def _mode_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "Is this in a major or a minor key?", "Does this piece use a major or a minor mode?",
+        "Is the tonality of this clip major or minor?",
+    ])
+    colour = mode_colour(f.mode)
+    answer = rng.choice([
+        f"It is in a {f.mode} key, {f.key}, which gives it {colour}.",
+        f"{f.mode.capitalize()}: the key is {f.key}.",
+        f"The music is in {f.key}, so the tonality is {f.mode}.",
+    ])
+    return question, answer
+
+
+def _metre_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    n = f.beats_per_bar
+    signature, word, feel = metre_words(n)
+    question = rng.choice([
+        "What is the time signature of this piece?", "How many beats are there in each bar?",
+        "What metre is this music in?", "How is the beat grouped in this clip?",
+    ])
+    answer = rng.choice([
+        f"It is in {signature}, with {word} beats to the bar.",
+        f"The music is in {signature} time: {word} beats per bar, {feel}.",
+        f"The beats fall in groups of {word}, so the time signature is {signature}.",
+    ])
+    return question, answer
+
+
+def _chords_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    shown = f.chords[:6]
+    chord_list = join_words(shown) + (", among others" if len(f.chords) > len(shown) else "")
+    question = rng.choice([
+        "What chords are played in this clip?", "Which chords do you hear?", "Can you name the chords in this excerpt?",
+        "How does the harmony move in this clip?", "What chords does this passage use?",
+    ])
+    if len(shown) == 1:
+        return question, rng.choice([f"It stays on {shown[0]} throughout.", f"The harmony rests on a single chord, {shown[0]}."])
+    pace = f", changing about every {fmt_seconds(f.seconds_per_chord)}" if f.seconds_per_chord else ""
+    answer = rng.choice([
+        f"The harmony moves through {chord_list}.",
+        f"I hear {chord_list}{pace}.",
+        f"The chords are {chord_list}.",
+        f"It moves between {chord_list}{pace}.",
+    ])
+    return question, answer
+
+
+def _progression_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "What chord progression does this piece use?", "Can you describe the chord progression in Roman numerals?",
+        "Which progression does the harmony repeat?",
+    ])
+    size = len(f.progression.split("–"))
+    in_key = f" in {f.key}" if f.key else ""
+    answer = rng.choice([
+        f"It repeats a {NUMBER_WORDS.get(size, str(size))}-chord progression{in_key}: {f.progression}.",
+        f"The progression is {f.progression}{in_key}, played over and over.",
+    ])
+    return question, answer
+
+
+def _genre_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    main, others = f.genres[0], f.genres[1:3]
+    question = rng.choice([
+        "What genre is this music?", "How would you classify the style of this track?", "What kind of music is this?",
+        "Which genre does this clip belong to?", "What style of music is this?",
+    ])
+    extra = f", with elements of {join_words(others)}" if others else ""
+    answer = rng.choice([
+        f"This is {genre_phrase(main)}{extra}.",
+        f"I would call it {genre_phrase(main)}{extra}.",
+        f"It is best described as {genre_phrase(main)}{extra}.",
+    ])
+    return question, answer
+
+
+def _instruments_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    listed = join_words([with_article(i) for i in f.instruments[:6]])
+    question = rng.choice([
+        "Which instruments can you hear?", "What instruments play in this clip?",
+        "List the instruments you hear in this recording.", "What is the instrumentation of this piece?",
+        "Which instruments are playing?",
+    ])
+    answers = [f"I can hear {listed}.", f"The clip features {listed}."]
+    if f.instruments_complete:
+        answers.append(f"The instrumentation is {join_words(f.instruments)}.")
+    else:
+        answers.append(f"Among the instruments, I can hear {listed}.")
+    return question, rng.choice(answers)
+
+
+def _has_instrument_pair(instrument: str, rng: random.Random) -> tuple[str, str]:
+    thing = with_article(instrument)
+    verb = "Are" if is_plural(instrument) else "Is"
+    question = rng.choice([
+        f"{verb} there {thing} in this clip?", f"Can you hear {thing} in this recording?",
+        f"Does this piece feature {thing}?",
+    ])
+    answer = rng.choice([
+        f"Yes, there {verb.lower()} {thing} in this clip.", f"Yes, you can hear {thing}.",
+        f"Yes: {thing} {'are' if is_plural(instrument) else 'is'} part of the sound.",
+    ])
+    return question, answer
+
+
+def _vocals_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "Are there vocals in this clip?", "Does anyone sing in this track?",
+        "Is this music instrumental, or does it have vocals?",
+    ])
+    if not f.vocals:
+        return question, rng.choice([
+            "No, it is instrumental: nobody sings.", "No, there are no vocals; the music is purely instrumental.",
+        ])
+    voice = f" {f.voice}" if f.voice else ""
+    return question, rng.choice([
+        f"Yes, there are{voice} vocals.", f"Yes, a{voice} voice can be heard singing.",
+        f"It has vocals{': the voice is ' + f.voice if f.voice else ''}.",
+    ])
+
+
+def _mood_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    moods = join_words(f.moods[:4])
+    question = rng.choice([
+        "What mood does this music convey?", "How would you describe the feel of this track?",
+        "What is the emotional character of this clip?",
+    ])
+    return question, rng.choice([f"It feels {moods}.", f"The mood is {moods}.", f"It comes across as {moods}."])
+
+
+def _theme_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    themes = join_words(f.themes[:4])
+    question = rng.choice([
+        "What themes or uses is this music associated with?", "What kind of setting would this track suit?",
+    ])
+    return question, rng.choice([f"It is associated with {themes}.", f"It would suit themes such as {themes}."])
+
+
+def _tags_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    tags = ", ".join(f.tags[:8])
+    question = rng.choice([
+        "Which tags would describe this clip?", "Give a few descriptive tags for this music.",
+        "How would you tag this track?",
+    ])
+    return question, rng.choice([f"{tags[0].upper()}{tags[1:]}.", f"Tags that fit: {tags}.", f"I would tag it {tags}."])
+
+
+# -- captioning
+
+
+def caption_text(f: Facts, rng: random.Random) -> str:
+    sentences = [s for s in (_opening_sentence(f, rng),) if s]
+    more = [s for s in (_pulse_sentence(f, rng), _harmony_sentence(f, rng), _character_sentence(f, rng)) if s]
+    rng.shuffle(more)
+    sentences += more + _notes_sentences(f, rng)
+    if len(sentences) < 2:
+        return ""
+    return " ".join(sentences)
+
+
+def _opening_sentence(f: Facts, rng: random.Random) -> str:
+    instruments = join_words([with_article(i) for i in f.instruments[:5]])
+    if f.genres:
+        genre = f.genres[0]
+        if instruments:
+            return capitalise(rng.choice([
+                f"{genre_piece(genre)} featuring {instruments}.",
+                f"this is {genre_phrase(genre)}, with {instruments}.",
+            ]))
+        return capitalise(rng.choice([f"this is {genre_phrase(genre)}.", f"{genre_piece(genre)}."]))
+    if instruments:
+        ensemble = f" for {f.ensemble.lower()}" if f.ensemble else ""
+        return capitalise(rng.choice([f"a piece{ensemble}, played here by {instruments}.",
+                                      f"{instruments} play together in this excerpt."]))
+    return ""
+
+
+def _pulse_sentence(f: Facts, rng: random.Random) -> str:
+    if not f.tempo_bpm:
+        return ""
+    bpm, (pace, pace_phrase) = fmt_bpm(f.tempo_bpm), pace_words(f.tempo_bpm)
+    if f.beats_per_bar:
+        signature, word, feel = metre_words(f.beats_per_bar)
+        return rng.choice([
+            f"It moves at about {bpm} BPM in {signature}, {pace_phrase}.",
+            f"The tempo is {pace}, around {bpm} beats per minute, with {word} beats to the bar.",
+        ])
+    return rng.choice([f"The tempo is {pace}, about {bpm} BPM.", f"It moves at about {bpm} beats per minute."])
+
+
+def _harmony_sentence(f: Facts, rng: random.Random) -> str:
+    chords = join_words(f.chords[:5]) if len(f.chords) >= 2 else ""
+    if f.key and chords:
+        return rng.choice([f"It is in {f.key}, and the harmony moves through {chords}.",
+                           f"The harmony, in {f.key}, moves through {chords}."])
+    if f.key:
+        return rng.choice([f"It is in {f.key}.", f"The key is {f.key}, which gives it {mode_colour(f.mode)}." if f.mode else f"The key is {f.key}."])
+    if chords:
+        return f"The harmony moves through {chords}."
+    return ""
+
+
+def _character_sentence(f: Facts, rng: random.Random) -> str:
+    parts = []
+    if f.moods:
+        parts.append(rng.choice([f"The mood is {join_words(f.moods[:3])}.", f"It sounds {join_words(f.moods[:3])}."]))
+    if f.vocals is False:
+        parts.append("It is instrumental.")
+    elif f.vocals:
+        parts.append(f"A{' ' + f.voice if f.voice else ''} voice sings over the music.")
+    return " ".join(parts)
+
+
+def _notes_sentences(f: Facts, rng: random.Random) -> list[str]:
+    out = []
+    if len(f.entrances) >= 2:
+        (first, t0), (second, t1) = f.entrances[0], f.entrances[1]
+        if t1 - t0 < 0.5:
+            out.append(rng.choice([f"The {first} and the {second} begin together.", f"The {first} and the {second} start at once."]))
+        else:
+            out.append(rng.choice([
+                f"The {first} opens the excerpt, and the {second} joins about {fmt_seconds(t1 - t0)} later.",
+                f"The {first} begins alone; the {second} enters after about {fmt_seconds(t1 - t0)}.",
+            ]))
+    elif len(f.entrances) == 1:
+        out.append(f"The {f.entrances[0][0]} plays on its own throughout.")
+    if f.registers:
+        instrument, (low, high) = max(f.registers.items(), key=lambda kv: (_midi(kv[1][1]) or 0))
+        out.append(rng.choice([f"The {instrument} reaches highest, ranging from {low} up to {high}.",
+                               f"The highest part belongs to the {instrument}, between {low} and {high}."]))
+    if f.notes_per_second:
+        density = "busy" if f.notes_per_second > 8 else "moderately busy" if f.notes_per_second > 3 else "sparse"
+        out.append(f"The texture is {density}, with about {round(f.notes_per_second)} notes per second.")
+    return out
+
+
+# -- reasoning
+
+
+def reasoning_pairs(f: Facts, rng: random.Random) -> list[dict]:
+    candidates = []
+    if f.tempo_bpm and f.beats_per_bar:
+        candidates.append(_movement_pair)
+    if f.mode and f.tempo_bpm:
+        candidates.append(_mood_reasoning_pair)
+    if f.key and (f.chords or f.tempo_bpm):
+        candidates.append(_play_along_pair)
+    if (f.genres or f.moods) and f.tempo_bpm:
+        candidates.append(_setting_pair)
+    if f.tempo_bpm and (f.key or f.instruments or f.genres):
+        candidates.append(_change_pair)
+    if len(f.instruments) >= 2:
+        candidates.append(_roles_pair)
+    if len(f.entrances) >= 2:
+        candidates.append(_entrances_pair)
+    if sum(bool(x) for x in (f.genres, f.tempo_bpm, f.key, f.instruments)) >= 3:
+        candidates.append(_recipe_pair)
+    chosen = rng.sample(candidates, min(REASONING_PAIRS, len(candidates)))
+    return [_pair(*writer(f, rng)) for writer in chosen]
+
+
+def _movement_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    bpm, pace_phrase = fmt_bpm(f.tempo_bpm), pace_words(f.tempo_bpm)[1]
+    signature, word, feel = metre_words(f.beats_per_bar)
+    question = rng.choice([
+        "Would this music work for dancing, and why?", "How does the rhythm of this piece shape the way it feels?",
+        "What kind of movement does the pulse of this music suggest?",
+    ])
+    if f.beats_per_bar == 3:
+        verdict = "The three-beat bar suggests a swaying, waltz-like movement rather than a straight dance beat."
+    elif f.tempo_bpm < 90:
+        verdict = "That suits slow dancing, swaying or simply listening better than an energetic dance floor."
+    elif f.tempo_bpm <= 135:
+        verdict = "That sits in the range of most dance music, so it would work well for dancing."
+    else:
+        verdict = "It is fast enough for energetic dancing, although many dancers would move at half that speed."
+    answer = f"At about {bpm} BPM in {signature}, it has {pace_phrase} and {feel}. {verdict}"
+    return question, answer
+
+
+def _mood_reasoning_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    bpm, pace_phrase = fmt_bpm(f.tempo_bpm), pace_words(f.tempo_bpm)[1]
+    lively = f.tempo_bpm >= 108
+    combined = {("major", True): "bright and energetic", ("major", False): "warm and relaxed",
+                ("minor", True): "urgent, even driving", ("minor", False): "melancholy and reflective"}[(f.mode, lively)]
+    question = rng.choice([
+        "How do the key and tempo work together to create the mood of this piece?",
+        "What gives this music its emotional character?",
+        "Why does this clip feel the way it does?",
+    ])
+    tempo_effect = "adds energy and momentum" if lively else "lets the music breathe"
+    answer = (f"The {f.mode} key ({f.key}) gives it {mode_colour(f.mode)}, and {pace_phrase} at about {bpm} BPM "
+              f"{tempo_effect}. Together they make it feel {combined}.")
+    if f.moods:
+        answer += f" That fits its {join_words(f.moods[:2])} character."
+    return question, answer
+
+
+def _play_along_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "What would a musician need to know to play along with this clip?",
+        "I want to jam along with this track. What should I know?",
+        "How would you prepare to accompany this piece?",
+    ])
+    parts = [f"Play in {f.key}" + (f": the chords are {join_words(f.chords[:5])}." if len(f.chords) >= 2 else ".")]
+    if f.tempo_bpm:
+        count = f"count {NUMBER_WORDS.get(f.beats_per_bar, str(f.beats_per_bar))} beats to the bar" if f.beats_per_bar else "keep a steady count"
+        parts.append(f"Set a metronome to about {fmt_bpm(f.tempo_bpm)} BPM and {count}.")
+    if f.mode:
+        scale = f"{f.tonic} major pentatonic" if f.mode == "major" else f"{f.tonic} minor pentatonic"
+        parts.append(f"For improvising, the {f.tonic} {f.mode} scale, or the simpler {scale} scale, fits over most of it.")
+    return question, " ".join(parts)
+
+
+SETTINGS_BY_GENRE = (  # (words in the genre, settings, the energy those settings want)
+    (("classical", "baroque", "opera", "medieval", "chamber"), "a quiet dinner, a concert hall, or focused work and study", "calm"),
+    (("ambient", "new age", "drone", "soundscape"), "meditation, studying, or the background of a film or documentary", "calm"),
+    (("electronic", "techno", "house", "trance", "dance", "edm", "drum and bass", "disco"), "a club, a party or a workout", "lively"),
+    (("rock", "metal", "punk"), "a drive, a workout or a live concert", "lively"),
+    (("jazz", "blues", "lounge", "soul"), "a bar, a relaxed dinner or a late evening", "relaxed"),
+    (("folk", "country", "singer-songwriter", "waltz", "ballad"), "a road trip, a small café or a gathering of friends", "relaxed"),
+    (("hip-hop", "rap", "r&b", "funk"), "a party, a commute or a workout", "lively"),
+    (("pop",), "a party, a commute or background listening at home", "lively"),
+)
+
+
+def _setting_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    genre = f.genres[0] if f.genres else None
+    bpm = f.tempo_bpm
+    pace, _ = pace_words(bpm)
+    match = next(((s, e) for words, s, e in SETTINGS_BY_GENRE if genre and any(w in genre.lower() for w in words)), None)
+    if match is None:
+        energy = "lively" if bpm >= 115 else "calm" if bpm < 90 else "relaxed"
+        settings = {"lively": "a party, exercise or a drive", "calm": "studying, reading or winding down in the evening",
+                    "relaxed": "background listening at home or at work"}[energy]
+    else:
+        settings, energy = match
+    question = rng.choice([
+        "In what situations might someone listen to this music?", "Where would this track fit well, and why?",
+        "What kind of setting suits this music?",
+    ])
+    tempo = f"its {pace} tempo (about {fmt_bpm(bpm)} BPM)"
+    fits = {"calm": bpm < 100, "relaxed": 70 <= bpm < 125, "lively": bpm >= 100}[energy]
+    reasons = ([f"its {genre} style"] if genre else []) + ([tempo] if fits or not genre else [])
+    if f.moods:
+        reasons.append(f"its {join_words(f.moods[:2])} mood")
+    answer = f"It would suit {settings}: {join_words(reasons)} {'fit' if len(reasons) > 1 else 'fits'} that kind of setting."
+    if genre and not fits:
+        answer += (f" At about {fmt_bpm(bpm)} BPM it is {pace}, so it would bring more energy than is usual there."
+                   if energy != "lively" else f" At about {fmt_bpm(bpm)} BPM it is {pace}, a calmer choice than is usual there.")
+    return question, answer
+
+
+def _change_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    bpm = f.tempo_bpm
+    has_beat = any(_role(i) == "beat" for i in f.instruments)
+    if bpm < 110:
+        question = rng.choice(["How could a producer make this track feel more energetic?",
+                               "What would you change to make this music livelier?"])
+        steps = [f"raise the tempo from about {fmt_bpm(bpm)} to around {fmt_bpm(round(bpm * 1.2))} BPM"]
+        steps.append("add a busier drum pattern" if has_beat else "add drums or percussion with a clear backbeat")
+        if f.mode == "minor":
+            steps.append(f"move the harmony towards {relative_key(f.key) or 'a major key'} for a brighter colour")
+        else:
+            steps.append("push the bass and the rhythm section forward in the mix")
+    else:
+        question = rng.choice(["How could a producer make this track feel calmer?",
+                               "What would you change to make this music more relaxed?"])
+        steps = [f"slow the tempo from about {fmt_bpm(bpm)} to around {fmt_bpm(round(bpm * 0.75))} BPM"]
+        steps.append("thin out the drums or replace them with soft percussion" if has_beat else "keep the rhythm sparse")
+        soft = next((i for i in f.instruments if _role(i) in ("harmony", "melody")), None)
+        steps.append(f"let the {soft} carry the music with longer, sustained notes" if soft else "favour sustained pads and soft, long notes")
+    answer = f"To do that, {join_words(steps)}. Each change works on a different layer: pace, rhythm and colour."
+    return question, answer
+
+
+def _roles_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice(["How do the instruments work together in this piece?",
+                           "What role does each instrument play here?"])
+    clauses, colour = [], []
+    for instrument in f.instruments[:5]:
+        role = _role(instrument)
+        if role is None:
+            colour.append(instrument)
+            continue
+        singular, plural = rng.choice(ROLE_PHRASES[role])
+        clauses.append(f"the {instrument} {plural if is_plural(instrument) else singular}")
+    if colour:
+        clauses.append(f"the {join_words(colour)} add{'' if len(colour) > 1 or is_plural(colour[0]) else 's'} colour")
+    if len(clauses) < 2:
+        clauses.append("together they form a full, layered sound")
+    return question, capitalise(join_words(clauses)) + "."
+
+
+def _entrances_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice(["Which instrument enters first, and how does the texture build?",
+                           "Do the instruments all start together?"])
+    (first, t0), rest = f.entrances[0], f.entrances[1:]
+    together = [name for name, t in rest if t - t0 < 0.5]
+    later = [(name, t) for name, t in rest if t - t0 >= 0.5]
+    if together and not later:
+        return question, f"Yes: the {join_words([first, *together])} start together, so the full texture is there from the first moment."
+    opening = f"The {join_words([first, *together])} start{'' if together else 's'} the excerpt"
+    steps = [f"the {name} joins after about {fmt_seconds(t - t0)}" for name, t in later[:3]]
+    answer = f"{opening}; {join_words(steps)}. The texture thickens as each part enters."
+    return question, answer
+
+
+def _recipe_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
+    question = rng.choice([
+        "Write instructions for composing a new piece in the style of this one.",
+        "How would you describe this music to a composer who should write more of it?",
+    ])
+    parts = []
+    style = genre_phrase(f.genres[0]) if f.genres else "a piece"
+    head = f"Write {style}" if f.genres else "Write a piece"
+    if f.key:
+        head += f" in {f.key}"
+    if f.tempo_bpm:
+        head += f" at about {fmt_bpm(f.tempo_bpm)} BPM"
+    if f.beats_per_bar:
+        head += f" in {metre_words(f.beats_per_bar)[0]}"
+    parts.append(head + ".")
+    if f.instruments:
+        parts.append(f"Score it for {join_words(f.instruments[:5])}.")
+    if len(f.chords) >= 2:
+        parts.append(f"Build the harmony on {join_words(f.chords[:4])}.")
+    if f.moods:
+        parts.append(f"Aim for {with_article(join_words(f.moods[:2]))} mood.")
+    return question, " ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Words
+
+
+def _pair(question: str, answer: str) -> dict[str, str]:
+    return {"question": question, "answer": answer}
+
+
+def fmt_bpm(bpm: float) -> str:
+    return f"{round(bpm)}" if abs(bpm - round(bpm)) < 0.05 else f"{bpm:.1f}"
+
+
+def fmt_seconds(seconds: float) -> str:
+    value = round(seconds, 1)
+    text = f"{value:g}"
+    return f"{text} second" if value == 1 else f"{text} seconds"
+
+
+def pace_words(bpm: float) -> tuple[str, str]:
+    """(adjective phrase, 'a ... pace' phrase) for a tempo."""
+    if bpm < 66:
+        return "slow", "a slow, unhurried pace"
+    if bpm < 80:
+        return "fairly slow", "a relaxed, fairly slow pace"
+    if bpm < 108:
+        return "moderate", "a moderate, walking pace"
+    if bpm < 132:
+        return "lively", "a lively, upbeat pace"
+    if bpm < 168:
+        return "fast", "a fast, energetic pace"
+    return "very fast", "a very fast, driving pace"
+
+
+def metre_words(beats: int) -> tuple[str, str, str]:
+    """(time signature, number word, how it feels)."""
+    word = NUMBER_WORDS.get(beats, str(beats))
+    feel = {2: "a marching, two-step feel", 3: "a lilting, waltz-like sway", 4: "a steady four-beat pulse",
+            6: "a rolling, compound feel"}.get(beats, f"an unusual {word}-beat cycle")
+    signature = "6/8" if beats == 6 else f"{beats}/4"
+    return signature, word, feel
+
+
+def mode_colour(mode: str | None) -> str:
+    return {"major": "a bright, open sound", "minor": "a darker, more melancholy colour"}.get(mode or "", "its own colour")
+
+
+def relative_key(key: str | None) -> str | None:
+    """'A minor' -> 'C major', 'Eb major' -> 'C minor' (spelled with the key's accidentals)."""
+    if not key:
+        return None
+    match = re.fullmatch(r"([A-G])([#b]?) (major|minor)", key.strip())
+    if not match:
+        return None
+    letter, accidental, mode = match.groups()
+    pc = (PITCH_CLASSES[letter] + {"#": 1, "b": -1, "": 0}[accidental]) % 12
+    other = (pc + 3) % 12 if mode == "minor" else (pc - 3) % 12
+    major_pc = pc if mode == "major" else other
+    flat_side = accidental == "b" or (accidental != "#" and major_pc in (5, 10, 3, 8, 1))
+    names = FLAT_NAMES if flat_side else SHARP_NAMES
+    return f"{names[other]} {'major' if mode == 'minor' else 'minor'}"
+
+
+def readable_key(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    match = re.fullmatch(r"([A-Ga-g])([#b♯♭]?)\s*[:\s]?\s*(maj|major|min|minor)", text)
+    if match:
+        letter, accidental, mode = match.groups()
+        accidental = {"♯": "#", "♭": "b"}.get(accidental, accidental)
+        return f"{letter.upper()}{accidental} {'major' if mode.startswith('maj') else 'minor'}"
+    return text
+
+
+def readable_chord(label: Any) -> str | None:
+    """A chord name for prose: 'F#:min' -> 'F# minor', 'G:7' -> 'G dominant seventh'; None for no chord."""
+    if not isinstance(label, str):
+        return None
+    text = label.strip()
+    if not text or text.upper() in ("N", "X") or text.lower() in ("no chord", "none"):
+        return None
+    if ":" in text:
+        root, quality = text.split(":", 1)
+        quality = quality.split("/")[0]
+        return f"{root} {CHORD_QUALITIES.get(quality, quality)}"
+    return text
+
+
+def is_plural(noun: str) -> bool:
+    return noun.lower() in PLURAL_NOUNS
+
+
+def with_article(noun: str) -> str:
+    lowered = noun.lower()
+    if not lowered or lowered in PLURAL_NOUNS or lowered in MASS_NOUNS or lowered.startswith(("a ", "an ", "the ")):
+        return noun
+    vowel_sound = lowered[0] in "aeiou" and not lowered.startswith(("uk", "uni", "use", "eu", "one"))
+    return f"{'an' if vowel_sound else 'a'} {noun}"
+
+
+def genre_piece(genre: str) -> str:
+    """'a waltz', 'an electronic piece', 'a rock piece'."""
+    return with_article(genre if genre.lower() in NOUN_GENRES else f"{genre} piece")
+
+
+def genre_phrase(genre: str) -> str:
+    lowered = genre.lower()
+    if lowered in NOUN_GENRES:
+        return with_article(lowered)
+    if lowered.endswith(("music", "song", "songs")):
+        return genre
+    return f"{genre} music"
+
+
+def tidy_label(label: Any) -> str:
+    """Lower case unless a word is an acronym (R&B, IDM, DJ); underscores as spaces."""
+    words = str(label).replace("_", " ").split()
+    return " ".join(w if w.isupper() and sum(c.isalpha() for c in w) >= 2 else w.lower() for w in words)
+
+
+def join_words(items: list[str]) -> str:
+    items = [i for i in items if i]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _role(instrument: str) -> str | None:
+    lowered = instrument.lower()
+    return next((role for role, words in ROLES if any(w in lowered for w in words)), None)
+
+
+def _unique(items) -> list[str]:
+    seen, out = set(), []
+    for item in items:
+        if isinstance(item, str) and item.strip() and item.strip().lower() not in seen:
+            seen.add(item.strip().lower())
+            out.append(item.strip())
+    return out
+
+
+def _positive(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def _metre_beats(value: Any) -> int | None:
+    if isinstance(value, str) and re.fullmatch(r"\d+/\d+", value.strip()):
+        top = int(value.split("/")[0])
+        return 6 if value.strip() == "6/8" else top if 2 <= top <= 12 else None
+    return None
+
+
+def _grid_beats(grid: Any) -> int | None:
+    """The metre from a beat grid: its largest beat number, once at least two bars are seen."""
+    numbers = [b.get("beat_number") for b in grid or [] if isinstance(b, dict) and isinstance(b.get("beat_number"), int)]
+    if not numbers:
+        return None
+    top = max(numbers)
+    return top if 2 <= top <= 12 and numbers.count(1) >= 2 else None
+
+
+def _chords(chords: Any) -> tuple[list[str], float | None]:
+    names, spans = [], []
+    for chord in chords or []:
+        if not isinstance(chord, dict):
+            continue
+        name = readable_chord(chord.get("chord"))
+        if name is None:
+            continue
+        if not names or names[-1] != name:
+            names.append(name)
+            spans.append([chord.get("start"), chord.get("end")])
+        else:
+            spans[-1][1] = chord.get("end")
+    lengths = [e - s for s, e in spans if isinstance(s, (int, float)) and isinstance(e, (int, float)) and e > s]
+    per_chord = sum(lengths) / len(lengths) if len(lengths) >= 2 else None
+    return _unique(names), per_chord
+
+
+def _midi(pitch: Any) -> int | None:
+    match = re.fullmatch(r"([A-G])([#b]?)(-?\d+)", str(pitch or ""))
+    if not match:
+        return None
+    letter, accidental, octave = match.groups()
+    return PITCH_CLASSES[letter] + {"#": 1, "b": -1, "": 0}[accidental] + 12 * (int(octave) + 1)
+
+
+def _pitch_name(midi: int) -> str:
+    return f"{SHARP_NAMES[midi % 12]}{midi // 12 - 1}"
