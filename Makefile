@@ -7,9 +7,12 @@ STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
 WORKERS ?=
 DEMO_CLIPS ?= 240
+ENCODER ?= features
+EMBED_FLAGS ?=
+INSTRUCTIONS_BACKEND ?= auto
 WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
 
-.PHONY: setup test test-slow demo demo-data ingest crop bench clean
+.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards bench clean
 
 setup: $(STAMP)
 
@@ -26,15 +29,21 @@ test: setup
 test-slow: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
+# The demo always writes instructions with the offline template writer, so a configured API key
+# never turns `make demo` into paid requests.
 demo: setup
-	$(MAKE) --no-print-directory demo-data ingest crop RUN=$(RUN)
+	$(MAKE) --no-print-directory demo-data ingest crop augment instructions embed shards RUN=$(RUN) INSTRUCTIONS_BACKEND=template
 	@echo
 	@echo "Demo done. Outputs under $(RUN)/:"
 	@echo "  source dataset (synthesised, with ground truth): $(RUN)/source"
 	@echo "  ingested records:                                $(RUN)/ingested.jsonl"
-	@echo "  cropped clips (44.1 kHz 16-bit wav):             $(RUN)/clips/"
-	@echo "  clip records:                                    $(RUN)/clips.jsonl"
-	@echo "  errors (if any):                                 $(RUN)/clips.errors.jsonl"
+	@echo "  cropped clips (44.1 kHz 16-bit wav):             $(RUN)/clips/  records: $(RUN)/clips.jsonl"
+	@echo "  madmom tempo, key, chords, beat grid:            $(RUN)/augmented.jsonl"
+	@echo "  instruction records (template writer):           $(RUN)/instructions.jsonl"
+	@echo "  dropped Q/A pairs, with reasons:                 $(RUN)/instructions.rejected.jsonl"
+	@echo "  embeddings (features encoder, 10 Hz):            $(RUN)/embeddings/"
+	@echo "  webdataset shards, index, missing parts:         $(RUN)/shards/"
+	@echo "  each stage's failures (if any):                  $(RUN)/*.errors.jsonl"
 
 demo-data: setup
 	$(LLARK) demo-data --out $(RUN)/source --clips $(DEMO_CLIPS)
@@ -45,8 +54,25 @@ ingest: setup
 crop: setup
 	$(LLARK) crop $(RUN)/ingested.jsonl --out $(RUN)/clips.jsonl --clips-dir $(RUN)/clips $(WORKERS_FLAG)
 
+augment: setup
+	$(LLARK) augment $(RUN)/clips.jsonl --out $(RUN)/augmented.jsonl $(WORKERS_FLAG)
+
+instructions: setup
+	$(LLARK) instructions $(RUN)/augmented.jsonl --out $(RUN)/instructions.jsonl --backend $(INSTRUCTIONS_BACKEND) $(WORKERS_FLAG)
+
+embed: setup
+	$(LLARK) embed $(RUN)/augmented.jsonl --embeddings-dir $(RUN)/embeddings --encoder $(ENCODER) $(EMBED_FLAGS) $(WORKERS_FLAG)
+
+shards: setup
+	$(LLARK) shards --clips $(RUN)/augmented.jsonl --instructions $(RUN)/instructions.jsonl --embeddings $(RUN)/embeddings --out $(RUN)/shards $(WORKERS_FLAG)
+	$(LLARK) validate-shards $(RUN)/shards
+
 bench: setup
 	$(BIN)/python benchmarks/runner.py
+	$(BIN)/python benchmarks/augment.py
+	$(BIN)/python benchmarks/instructions.py
+	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/shards.py
 
 clean:
 	rm -rf $(RUN)

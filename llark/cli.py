@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "llark.commands.demo_data",
     "llark.commands.ingest",
     "llark.commands.crop",
+    "llark.commands.augment",
     "llark.commands.instructions",
     "llark.commands.embed",
     "llark.commands.shards",
