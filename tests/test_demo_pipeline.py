@@ -1,4 +1,4 @@
-"""The demo pipeline end to end through the command line: demo-data → ingest → crop."""
+"""The demo pipeline through the command line: demo-data → ingest → crop (fast); `make demo` whole (slow)."""
 
 import subprocess
 from pathlib import Path
@@ -45,3 +45,7 @@ def test_make_demo_end_to_end(tmp_path):
     clips = read_records(run / "clips.jsonl")
     assert len(clips) == 240
     assert {c.split for c in clips} == {"train", "valid", "test"}
+    augmented = read_records(run / "augmented.jsonl")
+    assert len(augmented) == 240 and all("key_madmom" in r.features for r in augmented)
+    assert len(read_jsonl(run / "instructions.jsonl")) == 480
+    assert "validate-shards" in proc.stdout and "no problems" in proc.stdout
