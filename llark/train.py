@@ -1,0 +1,648 @@
+"""Train LLark: a chat LM and a linear audio projector on webdataset shards, with DeepSpeed.
+
+One process (CPU, DeepSpeed on gloo; the demo)::
+
+    llark train --config launch/demo.yaml --set data.shards='["runs/demo/shards"]'
+
+One node with 4 GPUs, or several nodes (see launch/README.md for the hostfile, SLURM and NCCL)::
+
+    deepspeed --num_gpus 4 -m llark.train --config launch/llama2_7b_chat.yaml
+    deepspeed --hostfile launch/hostfile --num_nodes 2 --num_gpus 4 -m llark.train --config launch/llama2_7b_chat.yaml
+
+The defaults are the paper's (section 5 and appendix J): AdamW (0.9, 0.999), eps 1e-6, no weight
+decay, cosine schedule with 3,000 warmup steps to 5e-5, 100k steps, global batch 32
+(= micro_batch x grad_accum x world size), bf16 + TF32, loss on the answers only; the projector
+and the whole LM are trained (``model.mode``: ``projector`` freezes the LM, ``lora`` trains PEFT
+adapters, with ``model.quantization: 4bit`` for QLoRA on one GPU).
+
+The recipe: ``__init__`` validates the config, ``setup`` builds the parts in dependency order,
+``train`` runs the loop, ``save_checkpoint`` writes an exactly resumable checkpoint (weights,
+optimizer, schedule, data position and RNG of every rank), ``export`` writes the final model as a
+Hugging Face directory that ``llark ask`` loads, ``cleanup`` closes what was opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+log = logging.getLogger("llark")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
+METRICS = "metrics.jsonl"
+# Settings that may change when resuming (the rest must match the checkpoint's).
+RESUMABLE_CHANGES = {"optim.max_steps", "save_every", "keep_checkpoints", "log_every", "tensorboard",
+                     "wandb_project", "export", "resume", "output_dir", "deepspeed", "data.num_workers"}
+
+
+class TrainConfigError(ValueError):
+    """A config that cannot train; the message names the field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(_Section):
+    r: int = Field(64, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelSection(_Section):
+    lm_path: str = Field("smollm2", description="local HF directory of the chat LM, or 'smollm2' (embedded default)")
+    encoder_dim: int | None = Field(None, ge=1, description="projector input; None: the shards' encoder.json dim")
+    init_from: str | None = Field(None, description="an exported LLark model to continue from (LM + projector)")
+    mode: Literal["full", "projector", "lora"] = "full"
+    lora: LoraSection = LoraSection()
+    quantization: Literal["4bit", "8bit"] | None = None
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = True
+    system_prompt: str | None = None
+    end_of_turn: str | None = None
+
+
+class DataSection(_Section):
+    shards: list[str] = Field(default_factory=list, description="shard directories (each with index.json, encoder.json)")
+    split: str = "train"
+    task_families: list[Literal["understanding", "captioning", "reasoning"]] | None = None
+    conversation: Literal["pair", "multi_turn"] = "pair"
+    max_seq_len: int = Field(2048, ge=16)
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(256, ge=1)
+    group_shards: int = Field(4, ge=1)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    pad_to_multiple_of: int = Field(8, ge=1)
+
+
+class OptimSection(_Section):
+    lr: float = Field(5e-5, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(3000, ge=0)
+    max_steps: int = Field(100_000, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0: no clipping")
+
+
+class TrainConfig(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    global_batch: int = Field(32, ge=1)
+    micro_batch: int = Field(4, ge=1)
+    grad_accum: int | None = Field(None, ge=1, description="None: global_batch / (micro_batch x world size)")
+    deepspeed: str = Field("launch/zero2.json", description="DeepSpeed JSON (ZeRO stage, offload, precision)")
+    output_dir: str = "runs/train"
+    save_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    tf32: bool = True
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    resume: str = Field("auto", description="auto: latest complete checkpoint in output_dir; never; or a checkpoint dir")
+    export: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.optim.warmup_steps > self.optim.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) > optim.max_steps ({self.optim.max_steps})")
+        if self.model.quantization and self.model.mode != "lora":
+            raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        return self
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step such that micro_batch x grad_accum x world_size == global_batch."""
+        per_step = self.micro_batch * world_size
+        accum = self.grad_accum if self.grad_accum is not None else self.global_batch // per_step
+        if accum < 1 or self.micro_batch * accum * world_size != self.global_batch:
+            raise TrainConfigError(
+                f"global_batch ({self.global_batch}) != micro_batch ({self.micro_batch}) x grad_accum "
+                f"({self.grad_accum if self.grad_accum is not None else 'derived'}) x world size ({world_size}); "
+                "choose micro_batch and grad_accum so that the product is global_batch"
+            )
+        return accum
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A YAML file (optional) plus ``dotted.key: value`` overrides, validated; a bad field is named."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of settings")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"--set {key}: {p} is not a section")
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise TrainConfigError(f"invalid training config ({path or 'defaults'}): {problems}") from None
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "lora":
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup to the peak over ``warmup`` steps, then cosine decay to ``min_ratio`` x peak at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, path: str | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON with the fields the recipe owns filled in; an explicit value there that
+    disagrees with the training config is refused (one source of truth for batch, precision, optimizer)."""
+    path = path or cfg.deepspeed
+    candidates = [Path(path), REPO_ROOT / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise TrainConfigError(f"deepspeed: {path} does not exist (try launch/zero2.json or launch/zero3.json)")
+    ds = {k: v for k, v in json.loads(found.read_text(encoding="utf-8")).items() if not k.startswith("_")}
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    owned = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in owned.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise TrainConfigError(f"{found}: {key} is {ds[key]}, the training config gives {value}; set it to \"auto\"")
+        ds[key] = value
+    bf16 = cfg.model.dtype == "bfloat16"
+    for key, enabled in (("bf16", bf16), ("fp16", False)):
+        section = ds.setdefault(key, {"enabled": "auto"})
+        if section.get("enabled", "auto") not in ("auto", enabled):
+            raise TrainConfigError(f"{found}: {key}.enabled is {section['enabled']}, model.dtype is {cfg.model.dtype}")
+        section["enabled"] = enabled
+    if "optimizer" in ds or "scheduler" in ds:
+        raise TrainConfigError(f"{found}: remove 'optimizer' and 'scheduler'; they come from the optim section")
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay,
+        # torch's AdamW needs no compiled op; CPU offload needs DeepSpeed's CPU Adam.
+        **({} if offload else {"torch_adam": True}),
+    }}
+    ds.setdefault("steps_per_print", 10**9)
+    if world_size > 1 and zero.get("stage") == 2 and zero.get("overlap_comm"):
+        log.warning("ZeRO-2 with overlap_comm: true has produced zero losses / NaN grad norms on some DeepSpeed "
+                    "versions; launch/zero2.json keeps it off")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed environment
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's variables; one process when there are none."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    if "RANK" not in os.environ:
+        # DeepSpeed looks for MPI unless these are set.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+class TrainRecipe:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world_size = distributed_env()
+        self.is_main = self.rank == 0  # logs, metrics, shared files
+        self.grad_accum = cfg.grad_accum_for(self.world_size)
+        self.ds_config = deepspeed_config(cfg, self.grad_accum, self.world_size,
+                                          os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        if self.zero_stage == 3 and cfg.model.mode == "lora":
+            raise TrainConfigError("model.mode: lora with ZeRO-3 is not supported here; LoRA trains few parameters: "
+                                   "use launch/zero2.json")
+        if cfg.model.quantization and self.world_size > 1 and self.zero_stage == 3:
+            raise TrainConfigError("model.quantization (QLoRA) with ZeRO-3 is not supported; use launch/zero2.json")
+        if not cfg.data.shards:
+            raise TrainConfigError("data.shards: give the shards directory (the output of `llark shards`)")
+        if cfg.model.dtype == "bfloat16" and not torch.cuda.is_available():
+            log.warning("bf16 on CPU is slow; the CPU demo config uses model.dtype: float32")
+        self._check_data()
+        self.output_dir = Path(cfg.output_dir)
+        self.step = 0
+        self.writer = None
+        self.wandb = None
+
+    def _check_data(self) -> None:
+        """The shards exist and their encoder fits the projector: refused here, before any weight loads."""
+        from llark.data import check_encoder, open_shards
+        from llark.model import LlarkConfig
+
+        cfg = self.cfg
+        self.shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.task_families)
+        if cfg.model.init_from:
+            trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
+            if cfg.model.encoder_dim and cfg.model.encoder_dim != trained.encoder_dim:
+                raise TrainConfigError(f"model.encoder_dim ({cfg.model.encoder_dim}) differs from the projector of "
+                                       f"model.init_from ({trained.encoder_dim})")
+            check_encoder(self.shards.manifest, trained.encoder_dim, trained.encoder)
+        elif cfg.model.encoder_dim:
+            check_encoder(self.shards.manifest, cfg.model.encoder_dim)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from llark.data import ExampleEncoder, LoaderState, ShardStream, StreamSettings, check_encoder, make_loader
+        from llark.model import ChatFormatter, LlarkConfig, build_llark, configure_training, load_pretrained
+        from llark.model.llark import LoraSettings
+
+        cfg = self.cfg
+        # 1. Processes: everything after this may use collectives.
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            if cfg.tf32:
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self._seed(cfg.seed)  # the same on every rank while the model is built
+
+        # 2. The shards (opened and checked in __init__) before the model: the projector's input
+        # dimension comes from encoder.json.
+        manifest = self.shards.manifest
+        encoder_dim = cfg.model.encoder_dim or manifest["dim"]
+
+        # 3. Model and tokenizer; the encoder check runs before any weight is trained.
+        model_kwargs = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
+        if cfg.model.init_from:
+            model, tokenizer, _ = load_pretrained(cfg.model.init_from, **model_kwargs)
+            check_encoder(manifest, model.projector.in_features, model.config.encoder)
+        else:
+            check_encoder(manifest, encoder_dim)
+            llark_cfg = LlarkConfig(lm_path=cfg.model.lm_path, encoder_dim=encoder_dim,
+                                    system_prompt=cfg.model.system_prompt, end_of_turn=cfg.model.end_of_turn)
+            model, tokenizer = build_llark(llark_cfg, quantization=cfg.model.quantization, **model_kwargs)
+        model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
+        configure_training(model, cfg.model.mode, LoraSettings(**cfg.model.lora.model_dump()),
+                           cfg.model.gradient_checkpointing)
+        self.model, self.tokenizer = model, tokenizer
+        self.formatter = ChatFormatter(tokenizer, model.config.end_of_turn, model.config.audio_token)
+
+        self._seed(cfg.seed + self.rank)  # dropout differs across ranks
+
+        # 4. Engine: optimizer over the trainable parameters only, our warmup + cosine schedule.
+        o = cfg.optim
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+            opt, lambda s: lr_multiplier(s, o.warmup_steps, o.max_steps, o.min_lr_ratio))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.ds_config, lr_scheduler=schedule)
+
+        # 5. Resume (weights, optimizer, schedule, data position, RNG) before the loader starts reading.
+        positions = None
+        checkpoint = self._checkpoint_to_resume()
+        if checkpoint is not None:
+            positions = self._load_checkpoint(checkpoint)
+
+        # 6. Data: this rank's share of the shards, from the resumed position.
+        d = cfg.data
+        stream = ShardStream(self.shards.urls, ExampleEncoder(self.formatter, model.projector.in_features,
+                                                              d.max_seq_len, model.config.system_prompt),
+                             StreamSettings(
+                                 micro_batch=cfg.micro_batch, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
+                                 rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
+                                 group_shards=d.group_shards, buffer_size=d.shuffle_buffer,
+                                 conversation=d.conversation, on_bad_sample=d.on_bad_sample,
+                                 pad_to_multiple_of=d.pad_to_multiple_of,
+                                 start=positions.positions if positions else {},
+                                 rotation=positions.rotation if positions else 0))
+        self.loader_state = positions or LoaderState(d.num_workers)
+        self.loader = make_loader(stream)
+
+        # 7. Logging, on rank 0.
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.output_dir / "config.json", cfg.model_dump(mode="json"))
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+            if cfg.wandb_project:
+                try:
+                    import wandb
+                except ImportError:
+                    raise TrainConfigError("wandb_project is set but wandb is not installed: pip install wandb") from None
+                self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.model_dump(mode="json"),
+                                        dir=str(self.output_dir), resume="allow")
+            counts = model.trainable_counts()
+            self._print(
+                f"train: {self.world_size} processes, global batch {cfg.global_batch} = micro-batch "
+                f"{cfg.micro_batch} x grad-accum {self.grad_accum} x world size {self.world_size}; "
+                f"ZeRO-{self.zero_stage}, {cfg.model.dtype}, mode {cfg.model.mode}\n"
+                f"train: trainable parameters: projector {counts['projector']:,}, LM {counts['lm']:,}; "
+                f"data: {self.shards.samples:,} samples in {len(self.shards.urls)} shards "
+                f"({manifest['name']}, dim {manifest['dim']}, {manifest['frame_rate_hz']} Hz); "
+                f"{cfg.optim.max_steps * cfg.global_batch / max(1, self.shards.samples):.2f} passes over the samples "
+                f"in {cfg.optim.max_steps:,} steps" + (f"; resuming at step {self.step}" if checkpoint else ""))
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, engine = self.cfg, self.engine
+        batches = iter(self.loader)
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
+        t_last = time.perf_counter()
+        engine.train()
+        while self.step < cfg.optim.max_steps:
+            step_loss = torch.zeros((), device=engine.device)
+            for _ in range(self.grad_accum):
+                batch = next(batches)
+                self.loader_state.update(batch)
+                inputs = {k: batch[k].to(engine.device, non_blocking=True)
+                          for k in ("input_ids", "attention_mask", "audio", "audio_frames", "labels")}
+                _, loss = engine(**inputs)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.detach().float() / self.grad_accum
+                window["tokens"] += batch["tokens"]
+                window["samples"] += len(batch["keys"])
+                window["skipped"] += batch["skipped"]
+            self.step += 1
+            window["loss"] += step_loss
+            window["steps"] += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
+                self._log(window, time.perf_counter() - t_last)
+                window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
+                t_last = time.perf_counter()
+            if self.step % cfg.save_every == 0 or self.step == cfg.optim.max_steps:
+                self.save_checkpoint()
+                t_last = time.perf_counter()
+
+    def _log(self, window: dict[str, Any], seconds: float) -> None:
+        import torch.distributed as dist
+
+        # One all-reduce: mean loss and summed tokens/samples over ranks.
+        totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
+                               window["skipped"]], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(totals)
+        loss = totals[0].item() / self.world_size
+        metrics = {
+            "step": self.step, "loss": loss,
+            "lr": self.cfg.optim.lr * lr_multiplier(self.step - 1, self.cfg.optim.warmup_steps,
+                                                    self.cfg.optim.max_steps, self.cfg.optim.min_lr_ratio),
+            "grad_norm": _float(self.engine.get_global_grad_norm()),
+            "tokens_per_s": totals[1].item() / seconds, "samples_per_s": totals[2].item() / seconds,
+            "skipped_samples": int(totals[3].item()),
+        }
+        if not self.is_main:
+            return
+        with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+                if metrics[key] is not None:
+                    self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.step)
+        gn = metrics["grad_norm"]
+        self._print(f"step {self.step}/{self.cfg.optim.max_steps} loss {loss:.4f} lr {metrics['lr']:.3e} "
+                    f"grad-norm {gn if gn is None else f'{gn:.3f}'} {metrics['tokens_per_s']:.0f} tokens/s "
+                    f"{metrics['samples_per_s']:.2f} samples/s")
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Every rank writes its part; rank 0 writes trainer_state.json last, after a barrier."""
+        import torch.distributed as dist
+
+        from llark.model.llark import LLARK_CONFIG, PROJECTOR_FILE, save_projector
+
+        tag = f"step_{self.step:08d}"
+        root = self.output_dir / CHECKPOINTS
+        path = root / tag
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        write_json_atomic(path / f"rank_{self.rank:05d}.json",
+                          {"loader": self.loader_state.to_dict(), "rng": rng_state()})
+        projector = self._gathered_projector()
+        if self.is_main:
+            save_projector(projector, path / PROJECTOR_FILE)
+            (path / LLARK_CONFIG).write_text(self.model.config.to_json(), encoding="utf-8")
+        dist.barrier()
+        if self.is_main:
+            write_json_atomic(path / TRAINER_STATE, {
+                "step": self.step, "world_size": self.world_size, "config": self.cfg.model_dump(mode="json"),
+            })
+            for old in complete_checkpoints(self.output_dir)[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            self._print(f"checkpoint: {path}")
+        dist.barrier()
+        return path
+
+    def _gathered_projector(self) -> dict[str, torch.Tensor]:
+        from llark.model.llark import projector_state
+
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.model.projector.parameters()), modifier_rank=None):
+                return projector_state(self.model)
+        return projector_state(self.model)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        resume = self.cfg.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = complete_checkpoints(self.output_dir)
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / TRAINER_STATE).is_file():
+            raise TrainConfigError(f"resume: {path} is not a complete checkpoint (no {TRAINER_STATE})")
+        return path
+
+    def _load_checkpoint(self, path: Path):
+        from llark.data import LoaderState
+
+        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+        if state["world_size"] != self.world_size:
+            raise TrainConfigError(f"resume: {path} was written by {state['world_size']} processes, this run has "
+                                   f"{self.world_size}; resume with the same number of processes")
+        before, now = flat(state["config"]), flat(self.cfg.model_dump(mode="json"))
+        changed = sorted(k for k in set(before) | set(now)
+                         if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise TrainConfigError(f"resume: the config differs from {path}'s in "
+                                   + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
+                                   + "; use resume: never (or another output_dir) to start over")
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise TrainConfigError(f"resume: DeepSpeed could not load {path}")
+        mine = json.loads((path / f"rank_{self.rank:05d}.json").read_text(encoding="utf-8"))
+        set_rng_state(mine["rng"])
+        self.step = state["step"]
+        return LoaderState.from_dict(mine["loader"], self.cfg.data.num_workers)
+
+    # -- export ---------------------------------------------------------------------------------
+
+    def export(self) -> Path | None:
+        """The final model as a Hugging Face directory (safetensors) with the projector and llark_config.json."""
+        from llark.model import export_pretrained
+
+        out = self.output_dir / "final"
+        lm_state = None
+        if self.zero_stage == 3:
+            full = self.engine._zero3_consolidated_16bit_state_dict()  # on rank 0; needs the gather flag
+            if self.is_main:
+                lm_state = {k[len("lm."):]: v for k, v in full.items() if k.startswith("lm.")}
+        projector = self._gathered_projector()
+        if self.is_main:
+            lm = self.model.lm
+            if self.cfg.model.mode == "lora":
+                lm = lm.merge_and_unload()
+            export_pretrained(out, lm, self.tokenizer, self.model.config, projector, lm_state=lm_state)
+            self._print(f"export: {out} (load it with llark.model.load_pretrained, or `llark ask`)")
+        import torch.distributed as dist
+
+        dist.barrier()
+        return out if self.is_main else None
+
+    def cleanup(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _float(x) -> float | None:
+    if x is None:
+        return None
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def main(cfg: TrainConfig) -> None:
+    recipe = TrainRecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    if cfg.export:
+        recipe.export()
+    recipe.cleanup()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    from llark.commands.common import parse_key_values
+
+    p = argparse.ArgumentParser(prog="python -m llark.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML training config (launch/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set optim.lr=1e-4 (values are JSON when they parse as JSON)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args = p.parse_args(argv)
+    return load_config(args.config, parse_key_values(args.set)), args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        config, _ = parse_args()
+    except TrainConfigError as exc:
+        print(f"llark train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    main(config)

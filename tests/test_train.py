@@ -1,0 +1,271 @@
+"""The training recipe: config validation (fast), and DeepSpeed runs on CPU (slow): loss falls,
+exact resume after a kill, two processes with ZeRO-2, the projector-only and LoRA modes, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fixtures_train import tiny_lm_dir, write_shards  # noqa: E402
+
+from llark.data import DataConfigError  # noqa: E402
+from llark.train import (  # noqa: E402
+    TrainConfigError, TrainRecipe, deepspeed_config, load_config, lr_multiplier,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 16
+
+
+@pytest.fixture
+def single_process_env(monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    write_shards(d, n_samples=32, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2))
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Config (fast)
+
+
+def test_paper_defaults():
+    cfg = load_config(None)
+    o = cfg.optim
+    assert (o.lr, o.betas, o.eps, o.weight_decay, o.warmup_steps, o.max_steps) == (5e-5, (0.9, 0.999), 1e-6, 0.0,
+                                                                                 3000, 100_000)
+    assert cfg.global_batch == 32 and cfg.model.mode == "full"
+    assert cfg.grad_accum_for(8) == 1 and cfg.grad_accum_for(2) == 4
+
+
+def test_batch_product_must_equal_global_batch():
+    cfg = load_config(None, {"micro_batch": 3})
+    with pytest.raises(TrainConfigError, match=r"global_batch \(32\) != micro_batch \(3\)"):
+        cfg.grad_accum_for(4)
+    cfg = load_config(None, {"grad_accum": 2, "micro_batch": 4})
+    with pytest.raises(TrainConfigError, match="world size \\(2\\)"):
+        cfg.grad_accum_for(2)
+    assert cfg.grad_accum_for(4) == 2
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"optim.lr": -1}, "optim.lr"),
+    ({"model.mode": "half"}, "model.mode"),
+    ({"data.conversaton": "pair"}, "data.conversaton"),
+    ({"optim.warmup_steps": 10, "optim.max_steps": 5}, "warmup_steps"),
+    ({"model.quantization": "4bit"}, "mode: lora"),
+])
+def test_bad_fields_are_named(overrides, field):
+    with pytest.raises(TrainConfigError, match=field):
+        load_config(None, overrides)
+
+
+def test_every_launch_config_loads():
+    for yaml_path in sorted((REPO / "launch").glob("*.yaml")):
+        if "accelerate" in yaml_path.name:
+            continue
+        cfg = load_config(yaml_path)
+        for json_path in sorted((REPO / "launch").glob("zero*.json")):
+            ds = deepspeed_config(cfg, cfg.grad_accum_for(1) if cfg.global_batch % cfg.micro_batch == 0 else 1, 1,
+                                  str(json_path))
+            assert ds["train_batch_size"] == cfg.global_batch and ds["optimizer"]["type"] == "AdamW"
+            assert ds["optimizer"]["params"]["betas"] == list(cfg.optim.betas)
+            stage = ds["zero_optimization"]["stage"]
+            assert stage in (2, 3)
+            if stage == 3:
+                assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+            else:
+                assert ds["zero_optimization"]["overlap_comm"] is False
+    paper = load_config(REPO / "launch" / "llama2_7b_chat.yaml")
+    assert paper.model.encoder_dim == 4800 and paper.optim.warmup_steps == 3000 and paper.optim.max_steps == 100_000
+
+
+def test_deepspeed_json_conflicting_with_the_config_is_refused(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(TrainConfigError, match="train_micro_batch_size_per_gpu is 8"):
+        deepspeed_config(load_config(None), 8, 1, str(bad))
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(TrainConfigError, match="optimizer"):
+        deepspeed_config(load_config(None), 8, 1, str(bad))
+
+
+def test_warmup_then_cosine():
+    assert lr_multiplier(0, 3000, 100_000) == pytest.approx(1 / 3000)
+    assert lr_multiplier(2999, 3000, 100_000) == pytest.approx(1.0)
+    assert lr_multiplier(3000 + 48_500, 3000, 100_000) == pytest.approx(0.5)
+    assert lr_multiplier(100_000, 3000, 100_000) == pytest.approx(0.0)
+    assert lr_multiplier(100_000, 3000, 100_000, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_env):
+    cfg = load_config(None, {"data.shards": [str(shards)], "model.encoder_dim": 4800, "model.lm_path": "/nonexistent",
+                             "global_batch": 1, "micro_batch": 1})
+    with pytest.raises(DataConfigError, match="dimension 16.*projector takes 4800"):
+        TrainRecipe(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed on CPU (slow: each process starts DeepSpeed; the comm op compiles once per machine)
+
+
+def train_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    return env
+
+
+def train_args(out: Path, shards: Path, **overrides) -> list[str]:
+    settings = {
+        "model.lm_path": str(tiny_lm_dir()), "data.shards": [str(shards)], "model.dtype": "float32",
+        "model.attn_implementation": "eager", "model.gradient_checkpointing": False,
+        "optim.lr": 3e-3, "optim.warmup_steps": 2, "optim.max_steps": 10, "global_batch": 4, "micro_batch": 2,
+        "save_every": 2, "log_every": 1, "output_dir": str(out), "data.num_workers": 2, "data.shuffle_buffer": 8,
+        "data.group_shards": 2, "tensorboard": False, **overrides,
+    }
+    args = []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
+    return args
+
+
+def run_train(out: Path, shards: Path, nproc: int = 1, timeout: int = 300, **overrides) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "llark.train"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_port", str(29500 + os.getpid() % 1000), "-m", "llark.train"]
+    proc = subprocess.run(launcher + train_args(out, shards, **overrides), env=train_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(out: Path) -> dict[int, float]:
+    """Step → loss; a step logged twice (replayed after a resume) keeps its last value."""
+    return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_single_process_trains_checkpoints_and_exports(tmp_path, shards):
+    import torch
+
+    from llark.model import load_pretrained
+    from llark.model.llark import read_projector
+
+    out = tmp_path / "run"
+    run_train(out, shards, **{"optim.max_steps": 12, "save_every": 6})
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 13))
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (10, 11, 12)) / 3
+    assert last < first - 0.5, curve
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["tokens_per_s"] > 0 and metrics["samples_per_s"] > 0 and metrics["lr"] > 0
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006", "step_00000012"]
+    final = out / "checkpoints" / "step_00000012"
+    for name in ("trainer_state.json", "rank_00000.json", "projector.safetensors", "llark_config.json"):
+        assert (final / name).is_file()
+    model, tokenizer, config = load_pretrained(out / "final", dtype="float32")
+    assert config.encoder["dim"] == DIM and config.encoder["name"] == "features"
+    torch.testing.assert_close(model.projector.weight, read_projector(final / "projector.safetensors")["weight"])
+    assert (out / "final" / "model.safetensors").stat().st_size > 100_000
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_loss_curve(tmp_path, shards):
+    steps = 10
+    straight = tmp_path / "straight"
+    run_train(straight, shards, **{"optim.max_steps": steps, "export": False})
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "llark.train"]
+                            + train_args(killed, shards, **{"optim.max_steps": steps, "export": False}),
+                            env=train_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    resumed_from = max(int(p.name.split("_")[1]) for p in (killed / "checkpoints").glob("step_*")
+                       if (p / "trainer_state.json").is_file())
+    assert 2 <= resumed_from < steps
+    result = run_train(killed, shards, **{"optim.max_steps": steps, "export": False})
+    assert f"resuming at step {resumed_from}" in result.stdout
+    assert losses(killed) == losses(straight)  # exact: weights, optimizer, schedule, data and RNG restored
+
+
+@pytest.mark.slow
+def test_two_processes_zero2(tmp_path, shards):
+    out = tmp_path / "ddp"
+    result = run_train(out, shards, nproc=2, timeout=400,
+                       **{"optim.max_steps": 10, "save_every": 10, "data.num_workers": 1})
+    assert "2 processes, global batch 4 = micro-batch 2 x grad-accum 1 x world size 2; ZeRO-2" in result.stdout
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, 11))
+    assert sum(curve[s] for s in (8, 9, 10)) < sum(curve[s] for s in (1, 2, 3)) - 1.0, curve
+    for rank in (0, 1):
+        state = json.loads((out / "checkpoints" / "step_00000010" / f"rank_{rank:05d}.json").read_text())
+        assert state["loader"]["positions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["projector", "lora"])
+def test_projector_only_and_lora_modes_train(tmp_path, shards, mode):
+    from llark.model import load_pretrained
+
+    out = tmp_path / mode
+    result = run_train(out, shards, **{"model.mode": mode, "model.gradient_checkpointing": True,
+                                       "optim.max_steps": 8, "save_every": 8, "model.lora.r": 4})
+    lm_params = int(result.stdout.split("LM ")[1].split(";")[0].replace(",", ""))
+    assert (lm_params == 0) if mode == "projector" else (0 < lm_params < 163_264)
+    curve = losses(out)
+    assert curve[8] < curve[1], curve
+    model, _, _ = load_pretrained(out / "final", dtype="float32")
+    assert model.projector.in_features == DIM
+
+
+def test_memory_plan():
+    from llark.model.memory import MODELS, GB, plan_memory
+
+    shape = MODELS["llama2-7b"]
+    z2 = plan_memory(shape, zero_stage=2, micro_batch=1, seq_len=1024, gpus=4)
+    z3 = plan_memory(shape, zero_stage=3, micro_batch=1, seq_len=1024, gpus=4)
+    assert z2.parts["weights"] == pytest.approx(2 * (shape.params + 4800 * 4096 + 4096))
+    assert z3.parts["weights"] == pytest.approx(z2.parts["weights"] / 4)
+    assert z2.parts["optimizer"] == pytest.approx(12 * z2.trained_params / 4)
+    qlora = plan_memory(shape, zero_stage=2, micro_batch=1, seq_len=1024, gpus=1, mode="lora", quantization="4bit")
+    assert qlora.total < 24 * GB < z2.total
+    offload = plan_memory(shape, zero_stage=2, gpus=4, offload_optimizer=True)
+    assert offload.parts["optimizer"] == 0 and offload.cpu_bytes > 0
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        plan_memory(shape, zero_stage=2, offload_params=True)
+
+
+def test_launch_scripts_parse():
+    for script in ("multinode.sh", "slurm.sbatch"):
+        assert subprocess.run(["bash", "-n", str(REPO / "launch" / script)]).returncode == 0
+    import yaml
+
+    acc = yaml.safe_load((REPO / "launch" / "accelerate_config.yaml").read_text())
+    assert acc["distributed_type"] == "DEEPSPEED"
+    assert (REPO / acc["deepspeed_config"]["deepspeed_config_file"]).is_file()
