@@ -79,3 +79,47 @@ def test_two_runs_on_one_output_refuse_to_interleave(tmp_path, demo_records):
     assert f"pid {first.pid}" in second.stderr and "being written by another run" in second.stderr
     assert first.returncode == 0 and [r["id"] for r in read_jsonl(out)] == [f"s{i}" for i in range(40)]
     assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
+def cropped(tmp_path_factory, demo_records):
+    d = tmp_path_factory.mktemp("cropped")
+    subprocess.run(llark("crop", str(demo_records), "--out", str(d / "clips.jsonl"), "--clips-dir", str(d / "clips"), "--no-progress"),
+                   cwd=REPO, check=True, capture_output=True)
+    return d / "clips.jsonl"
+
+
+STAGE_COMMANDS = {
+    "augment": lambda inp, out, work: llark("augment", str(inp), "--out", str(out), "--workers", "2", "--no-progress"),
+    "embed": lambda inp, out, work: llark("embed", str(inp), "--embeddings-dir", str(work / "emb"), "--out", str(out),
+                                          "--workers", "2", "--no-progress"),
+}
+
+
+def comparable(records):
+    """Records without the paths that differ between two output directories; the files' bytes instead."""
+    out = []
+    for r in records:
+        r = dict(r)
+        if "embedding_path" in r:
+            r["embedding_bytes"] = Path(r.pop("embedding_path")).read_bytes()
+        out.append(r)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
+def test_stage_killed_three_times_ends_like_an_uninterrupted_run(tmp_path, cropped, stage):
+    command = STAGE_COMMANDS[stage]
+    out = tmp_path / "killed" / "out.jsonl"
+    out.parent.mkdir()
+    cmd = command(cropped, out, tmp_path / "killed")
+    kills = [kill_at(cmd, out, after_items=n) for n in (2, 7, 13)]
+    assert any(kills), "the stage finished before any kill; the test proves nothing"
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    clean = tmp_path / "clean" / "out.jsonl"
+    clean.parent.mkdir()
+    subprocess.run(command(cropped, clean, tmp_path / "clean"), cwd=REPO, check=True, capture_output=True)
+    resumed, reference = read_jsonl(out), read_jsonl(clean)
+    assert len({r["id"] for r in resumed}) == len(resumed) == 24
+    assert comparable(resumed) == comparable(reference)
