@@ -113,7 +113,19 @@ class Stage:
 
 
 def run_item(process: Callable, row: dict, state: Any) -> dict:
-    """Run the per-item function on one row and return a ledger outcome (never raises)."""
+    """Run the per-item function on one row and return a ledger outcome (never raises).
+
+    The outcome carries the item's CPU and wall seconds (``cpu_s``, ``wall_s``), kept in the
+    ledger so that ``llark plan`` can size a full run from measured figures.
+    """
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    outcome = _run_item(process, row, state)
+    outcome["cpu_s"] = round(time.process_time() - cpu0, 4)
+    outcome["wall_s"] = round(time.perf_counter() - wall0, 4)
+    return outcome
+
+
+def _run_item(process: Callable, row: dict, state: Any) -> dict:
     try:
         result = process(row, state)
         outputs = result if isinstance(result, list) else [result]

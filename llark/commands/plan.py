@@ -1,6 +1,9 @@
-"""``llark plan``: estimated per-GPU memory of a training run, before renting the GPUs."""
+"""``llark plan``: estimated per-GPU memory of a training run, and (``--pipeline``) the CPU-hours,
+GPU-hours and API spend of a full run sized from a measured run."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from llark.commands.common import add_verb
 
@@ -12,7 +15,10 @@ def register(sub) -> None:
         sub, "plan", "estimate per-GPU memory for a model size, ZeRO stage, batch, sequence length and GPU count",
         "Print the estimated memory per GPU (weights, gradients, optimizer state, activations,\n"
         "logits, overhead) of `llark train` with these settings; nothing is loaded. Formulas are in\n"
-        "llark/model/memory.py; check the estimate with a short run.",
+        "llark/model/memory.py; check the estimate with a short run.\n\n"
+        "With --pipeline RUN_DIR: the cost of the paper's full run (164k tracks, ~1.2M Q/A pairs) in\n"
+        "CPU-hours (from the CPU seconds per clip measured in RUN_DIR's ledgers, e.g. runs/demo),\n"
+        "GPU-hours (Jukebox embedding and training, computed from FLOPs) and API spend.",
     )
     p.add_argument("--model", choices=sorted(MODELS), default="llama2-7b", help="language model size")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="ZeRO stage")
@@ -28,12 +34,23 @@ def register(sub) -> None:
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer state in host memory")
     p.add_argument("--offload-params", action="store_true", help="parameters in host memory (ZeRO-3)")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GB, to say whether it fits")
+    g = p.add_argument_group("full-run cost (--pipeline)")
+    g.add_argument("--pipeline", type=Path, default=None, metavar="RUN_DIR",
+                   help="size the full run from the figures measured in this run directory")
+    g.add_argument("--tracks", type=int, default=164_000, help="tracks in the full run")
+    g.add_argument("--reasoning-requests", type=int, default=100_000, help="reasoning requests (25k per dataset at most)")
+    g.add_argument("--gpu-tflops", type=float, default=312.0, help="the GPU's dense bf16 peak (A100: 312)")
+    g.add_argument("--gpu-utilization", type=float, default=0.4, help="the fraction of the peak a real run reaches")
+    g.add_argument("--batch-api", action="store_true", help="price the requests at the Batch API's discount")
+    g.add_argument("--prompts-dir", type=Path, default=None, help="the prompts (default: the project's prompts/)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import sys
 
+    if args.pipeline is not None:
+        return run_pipeline_plan(args)
     from llark.model.memory import MODELS, format_plan, plan_memory
 
     try:
@@ -46,4 +63,26 @@ def run(args) -> int:
     print(f"{args.model}, ZeRO-{args.zero}, mode {args.mode}, micro-batch {args.micro_batch}, "
           f"sequence {args.seq_len}, {args.gpus} GPUs")
     print(format_plan(plan, args.gpu_memory))
+    return 0
+
+
+def run_pipeline_plan(args) -> int:
+    from pipeline.instructions.costs import PriceTable
+    from pipeline.instructions.prompts import find_prompts_dir
+    from pipeline.plan import FullRun, estimate, measure_stages, prompt_tokens_per_request
+    from pipeline.runner import StageConfigError
+
+    run_dir = args.pipeline
+    if not (run_dir / "augmented.jsonl").exists():
+        raise StageConfigError(f"--pipeline: {run_dir} holds no augmented.jsonl; run `make demo RUN={run_dir}` "
+                               "(or the stages on a sample of your data) first")
+    if not 0 < args.gpu_utilization <= 1:
+        raise StageConfigError(f"--gpu-utilization must be in (0, 1], got {args.gpu_utilization}")
+    prompts_dir = find_prompts_dir(args.prompts_dir)
+    prices = PriceTable.load(prompts_dir / "model_prices.yaml")
+    full = FullRun(tracks=args.tracks, understanding_requests=args.tracks, reasoning_requests=args.reasoning_requests,
+                   gpu_tflops=args.gpu_tflops, gpu_utilization=args.gpu_utilization)
+    for line in estimate(full, measure_stages(run_dir), prompt_tokens_per_request(run_dir, prompts_dir), prices,
+                         args.batch_api):
+        print(line)
     return 0
