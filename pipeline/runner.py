@@ -182,6 +182,10 @@ def _run_in_worker(row: dict) -> dict:
     return run_item(_WORKER_PROCESS, row, _WORKER_STATE)
 
 
+def _worker_ready() -> bool:
+    return True
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -234,19 +238,29 @@ class LocalExecutor:
             in_flight: dict[cf.Future, tuple[int, dict]] = {}
             try:
                 while queue or in_flight:
+                    broken = False
                     while queue and len(in_flight) < self.max_in_flight:
                         index, row = queue.pop()
-                        in_flight[pool.submit(_run_in_worker, row)] = (index, row)
-                    done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                    broken = False
-                    for fut in done:
-                        index, row = in_flight.pop(fut)
                         try:
-                            yield index, fut.result()
-                        except cf.process.BrokenProcessPool:
-                            suspects.append((index, row))
+                            in_flight[pool.submit(_run_in_worker, row)] = (index, row)
+                        except cf.process.BrokenProcessPool:  # a worker died since the last wait
+                            queue.append((index, row))
                             broken = True
+                            break
+                    if not broken:
+                        done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
+                        for fut in done:
+                            index, row = in_flight.pop(fut)
+                            try:
+                                outcome = fut.result()
+                            except cf.process.BrokenProcessPool:
+                                suspects.append((index, row))
+                                broken = True
+                                continue
+                            yield index, outcome
                     if broken:
+                        if not in_flight and not suspects:
+                            raise RunAborted(self._setup_crash_message(stage))
                         suspects.extend(in_flight.values())
                         in_flight.clear()
                         log.warning(
@@ -259,9 +273,19 @@ class LocalExecutor:
             finally:
                 pool.shutdown(wait=not suspects, cancel_futures=True)
 
+    @staticmethod
+    def _setup_crash_message(stage: Stage) -> str:
+        return (f"{stage.name}: worker processes die before running any item (the stage's per-worker "
+                "setup crashes); rerun with --executor inline to see the error")
+
     def _run_isolated(self, stage: Stage, suspects: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
         for index, row in sorted(suspects, key=lambda x: x[0]):
             pool = self._pool(stage, 1)
+            try:
+                pool.submit(_worker_ready).result()
+            except cf.process.BrokenProcessPool:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise RunAborted(self._setup_crash_message(stage)) from None
             try:
                 outcome = pool.submit(_run_in_worker, row).result()
             except cf.process.BrokenProcessPool:

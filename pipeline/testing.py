@@ -53,3 +53,8 @@ def disk_full_on(row: dict, settings: dict) -> dict:
 
         raise OSError(errno.ENOSPC, "No space left on device", "/data/out/clip.wav")
     return {**row, "seen": True}
+
+
+def crash_on_setup(settings) -> None:
+    """A per-worker setup that kills its process (a native crash while loading a model)."""
+    os._exit(19)

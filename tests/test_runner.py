@@ -235,3 +235,25 @@ def test_killed_run_resumes_to_the_same_output_without_duplicates(tmp_path):
     # Items finished before the kill were not run again (only those in flight at the kill may be).
     calls_per_item = count_calls(calls)
     assert sum(calls_per_item.values()) <= len(rows) + 4
+
+
+def test_workers_dying_at_start_abort_the_run_with_a_clear_message(tmp_path):
+    from pipeline.runner import RunAborted
+    from pipeline.testing import crash_on_setup
+
+    inp = write_input(tmp_path / "in.jsonl", [{"id": f"r{i}"} for i in range(4)])
+    dying = Stage(name="echo", process=echo_item, settings={}, setup=crash_on_setup)
+    with pytest.raises(RunAborted, match="--executor inline"):
+        run_stage(dying, inp, tmp_path / "out.jsonl", executor=LocalExecutor(2), progress=False)
+
+
+def test_a_crash_racing_with_submission_still_fails_only_its_item(tmp_path):
+    # Many quick items around the crashing one: the pool often breaks between a wait and a submit.
+    rows = [{"id": f"r{i:02d}"} for i in range(40)]
+    rows[5] = {"id": "r05", "crash": True}
+    inp = write_input(tmp_path / "in.jsonl", rows)
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}.jsonl"
+        summary = run_stage(stage(), inp, out, executor=LocalExecutor(2), progress=False)
+        assert summary.failed == {"worker_crashed": 1}
+        assert len(read_jsonl(out)) == 39
