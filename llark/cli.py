@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "llark.commands.shards",
     "llark.commands.validate_shards",
     "llark.commands.train",
+    "llark.commands.ask",
+    "llark.commands.evaluate",
     "llark.commands.plan",
 ]
 

@@ -8,7 +8,7 @@ import soundfile as sf
 
 from llark.cli import build_parser, main
 
-VERBS = ["demo-data", "ingest", "crop", "augment", "instructions", "embed", "shards", "validate-shards", "train", "plan"]
+VERBS = ["demo-data", "ingest", "crop", "augment", "instructions", "embed", "shards", "validate-shards", "train", "ask", "evaluate", "plan"]
 
 
 def test_help_lists_every_verb_and_each_verb_has_help(capsys):

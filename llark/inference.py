@@ -1,0 +1,237 @@
+"""Answering questions about audio with a trained LLark model: loading, encoding, generation.
+
+A trained model is the directory ``llark train`` exports (``final/``): a Hugging Face model,
+``projector.safetensors`` and ``llark_config.json``, whose ``encoder`` field names the encoder the
+projector was trained on (name, layer, frame rate, dimension, dtype, configuration).
+:func:`load` rebuilds the model; :func:`build_encoder_for` builds that encoder and refuses one
+whose identity differs.
+
+Audio longer than one encoder window (25 s, the crop the model was trained on) is cut into
+consecutive windows from ``start_s``, up to ``max_seconds``; each window is encoded on its own
+(as the crop stage and the embed stage do with a clip) and the frames are concatenated in time
+order, so the model sees ``ceil(seconds * frame_rate)`` frames::
+
+    audio    |------------------------------------------------------------- ... -|
+    windows  [0 s ........ 25 s)[25 s ....... 50 s)[50 s .. 60 s)        (max_seconds = 60)
+    frames   250 frames          250 frames          100 frames   -> [600, dim]
+
+A last window shorter than ``MIN_WINDOW_S`` is dropped (unless it is the only one). Frames are
+rounded through the dtype the training embeddings were stored in (float16 by default), so the
+projector sees the same values it was trained on.
+
+Generation is greedy unless ``do_sample`` (then ``temperature`` and ``top_p``, seeded). Prompts
+of a batch are left-padded; each row carries its own number of audio frames.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+
+WINDOW_S = 25.0
+MIN_WINDOW_S = 1.0
+DEFAULT_MAX_SECONDS = WINDOW_S
+
+
+class InferenceError(ValueError):
+    """A model, encoder or input that cannot be used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InferenceError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise InferenceError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {self.temperature}, "
+                                 f"{self.top_p}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Llark:
+    """A loaded model with its tokenizer and chat formatter; :meth:`answer` generates answers."""
+
+    def __init__(self, model, tokenizer, config, device: str = "cpu", source: str | None = None):
+        from llark.model.chat import ChatFormatter
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = device
+        self.source = source
+        self.formatter = ChatFormatter(tokenizer, config.end_of_turn, config.audio_token)
+
+    @property
+    def encoder_identity(self) -> dict[str, Any] | None:
+        return self.config.encoder
+
+    @property
+    def encoder_dim(self) -> int:
+        return int(self.model.projector.in_features)
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        """The dtype the training embeddings were stored in (frames are rounded through it)."""
+        name = (self.config.encoder or {}).get("dtype", "float32")
+        return np.dtype(name if name in ("float16", "float32") else "float32")
+
+    def prompt_ids(self, question: str, n_frames: int) -> list[int]:
+        from llark.model.chat import audio_user_content
+
+        messages = []
+        if self.config.system_prompt:
+            messages.append({"role": "system", "content": self.config.system_prompt.strip()})
+        messages.append({"role": "user", "content": audio_user_content(question, self.config.audio_token)})
+        return self.formatter.encode_prompt(messages, n_frames)
+
+    @torch.inference_mode()
+    def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],
+               settings: GenerationSettings = GenerationSettings()) -> list[str]:
+        """One answer per (question, audio frames ``[frames, dim]``), generated as one batch."""
+        if len(questions) != len(audios):
+            raise InferenceError(f"{len(questions)} questions but {len(audios)} audio arrays")
+        if not questions:
+            return []
+        for a in audios:
+            if a.ndim != 2 or a.shape[1] != self.encoder_dim or a.shape[0] < 1:
+                raise InferenceError(f"audio frames of shape {a.shape}; this model takes [frames, {self.encoder_dim}]")
+        prompts = [self.prompt_ids(q, a.shape[0]) for q, a in zip(questions, audios)]
+        length = max(len(p) for p in prompts)
+        frames = max(a.shape[0] for a in audios)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        audio = torch.zeros((len(prompts), frames, self.encoder_dim), dtype=torch.float32)
+        for i, (p, a) in enumerate(zip(prompts, audios)):
+            input_ids[i, length - len(p):] = torch.tensor(p)
+            attention_mask[i, length - len(p):] = 1
+            rounded = np.asarray(a).astype(self.storage_dtype).astype(np.float32)
+            audio[i, : a.shape[0]] = torch.from_numpy(rounded)
+        audio_frames = torch.tensor([a.shape[0] for a in audios], dtype=torch.long)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+            "eos_token_id": self.formatter.end_of_turn_id, "pad_token_id": pad,
+        }
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+            torch.manual_seed(settings.seed)
+        else:
+            # Greedy decoding: clear sampling defaults a generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if _distributed_world_size() > 1:
+            # Under ZeRO-3 every rank must run the same number of forward passes, or generate() hangs
+            # when the ranks' answers end at different lengths.
+            kwargs["synced_gpus"] = True
+        out = self.model.generate(input_ids.to(self.device), audio.to(self.device), audio_frames.to(self.device),
+                                  attention_mask=attention_mask.to(self.device), **kwargs)
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.cpu()]
+
+
+def _distributed_world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def load(checkpoint: str | os.PathLike, dtype: str = "auto", device: str | None = None) -> Llark:
+    """An exported model directory (``llark train``'s ``final/``) ready to answer.
+
+    ``dtype`` ``auto`` is float32 on CPU (bf16 matmuls are slow on most CPUs) and bfloat16 on CUDA.
+    """
+    from llark.model.llark import ModelConfigError, load_pretrained
+
+    device = device or default_device()
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        model, tokenizer, config = load_pretrained(checkpoint, dtype=dtype)
+    except ModelConfigError as exc:
+        raise InferenceError(str(exc)) from None
+    return Llark(model.to(device), tokenizer, config, device=device, source=str(checkpoint))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding audio files
+
+
+def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
+    """The encoder the model was trained on, built with ``options`` (e.g. Jukebox's weights_dir);
+    InferenceError when the model names none or the built one differs from it."""
+    from pipeline.encoders import build_encoder, check_encoder_options, describe_encoder
+    from pipeline.runner import StageConfigError
+
+    identity = llark.encoder_identity
+    if not identity or "name" not in identity:
+        raise InferenceError(f"{llark.source}: llark_config.json names no encoder; it cannot encode audio files "
+                             "(pass precomputed frames instead)")
+    try:
+        checked = check_encoder_options(identity["name"], dict(options or {}))
+        description = describe_encoder(identity["name"], checked)
+    except StageConfigError as exc:
+        raise InferenceError(str(exc)) from None
+    differences = [f"{k}: trained on {identity.get(k)!r}, this encoder gives {description.get(k)!r}"
+                   for k in ("name", "layer", "frame_rate_hz", "dim", "config") if identity.get(k) != description.get(k)]
+    if differences:
+        raise InferenceError("the encoder differs from the one the model was trained on: " + "; ".join(differences))
+    return build_encoder(identity["name"], checked)
+
+
+def windows(duration_s: float, start_s: float = 0.0, max_seconds: float = DEFAULT_MAX_SECONDS,
+            window_s: float = WINDOW_S, min_window_s: float = MIN_WINDOW_S) -> list[tuple[float, float]]:
+    """Consecutive ``window_s`` windows of ``[start_s, min(duration_s, start_s + max_seconds))``."""
+    if max_seconds <= 0 or window_s <= 0:
+        raise InferenceError(f"max_seconds and the window must be positive, got {max_seconds}, {window_s}")
+    if not 0 <= start_s < duration_s:
+        raise InferenceError(f"start {start_s} s is outside the audio (0 to {duration_s:.2f} s)")
+    end = min(duration_s, start_s + max_seconds)
+    count = max(1, math.ceil((end - start_s) / window_s - 1e-9))
+    out = [(start_s + k * window_s, min(end, start_s + (k + 1) * window_s)) for k in range(count)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < min_window_s:
+        out.pop()
+    return out
+
+
+def encode_file(path: str | os.PathLike, encoder, start_s: float = 0.0,
+                max_seconds: float = DEFAULT_MAX_SECONDS) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """``[frames, dim]`` frames of ``path`` (its windows encoded one by one, concatenated) and the windows."""
+    from pipeline.audio import TARGET_SAMPLE_RATE, AudioChecks, AudioError, probe, read_window
+
+    checks = AudioChecks(silence_dbfs=-float("inf"), min_duration_s=0.1)  # a quiet window is still music
+    try:
+        info = probe(path, checks)
+        spans = windows(info.duration_s, start_s, max_seconds)
+        parts = []
+        for a, b in spans:
+            audio = read_window(info, a, b, target_sample_rate=TARGET_SAMPLE_RATE, checks=checks)
+            frames = encoder.encode(audio, TARGET_SAMPLE_RATE)
+            parts.append(np.asarray(frames, dtype=np.float32))
+    except AudioError as exc:
+        raise InferenceError(str(exc)) from None
+    return np.concatenate(parts, axis=0), spans
+
+
+def read_frames(path: str | os.PathLike, dim: int) -> np.ndarray:
+    """A precomputed ``[frames, dim]`` .npy (no pickles)."""
+    array = np.load(Path(path), allow_pickle=False)
+    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1 or not np.isfinite(array).all():
+        raise InferenceError(f"{path}: frames of shape {array.shape} ({array.dtype}); expected finite [frames, {dim}]")
+    return array
