@@ -2,6 +2,8 @@
 duplicates and no lost items."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,22 +65,27 @@ run_stage(Stage(name="echo", process=echo_item, settings={}), sys.argv[1], sys.a
 
 def test_two_runs_on_one_output_refuse_to_interleave(tmp_path, demo_records):
     slow = tmp_path / "slow.jsonl"
-    slow.write_text("".join(json.dumps({"id": f"s{i}", "sleep": 0.1}) + "\n" for i in range(40)))
+    slow.write_text("".join(json.dumps({"id": f"s{i:03d}", "sleep": 0.1}) + "\n" for i in range(600)))
     out = tmp_path / "o.jsonl"
-    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(slow), str(out)], cwd=REPO)
-    lock = tmp_path / "o.jsonl.lock"
-    deadline = time.monotonic() + 30
-    while not lock.exists() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    second = subprocess.run(llark("crop", str(demo_records), "--out", str(out), "--clips-dir", str(tmp_path / "c"), "--no-progress"),
-                            cwd=REPO, capture_output=True, text=True)
-    still_running = first.poll() is None
-    first.wait()
-    assert still_running, "the first run ended before the second started; the test proves nothing"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(slow), str(out)], cwd=REPO, start_new_session=True)
+    try:
+        lock = tmp_path / "o.jsonl.lock"
+        deadline = time.monotonic() + 60
+        while not lock.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        second = subprocess.run(llark("crop", str(demo_records), "--out", str(out), "--clips-dir", str(tmp_path / "c"), "--no-progress"),
+                                cwd=REPO, capture_output=True, text=True)
+        assert first.poll() is None, "the first run ended before the second started; the test proves nothing"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     assert second.returncode == 2
     assert f"pid {first.pid}" in second.stderr and "being written by another run" in second.stderr
-    assert first.returncode == 0 and [r["id"] for r in read_jsonl(out)] == [f"s{i}" for i in range(40)]
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists(), "the refused run must not have started any work"
+    text = (tmp_path / "o.jsonl.ledger").read_text()
+    complete = text[: text.rfind("\n") + 1]  # the kill may have torn the last line
+    ledger = [json.loads(line) for line in complete.splitlines()[1:]]
+    assert ledger and all(entry["id"].startswith("s") for entry in ledger)
 
 
 @pytest.fixture(scope="module")
