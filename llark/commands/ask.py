@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llark.commands.common import add_verb, parse_key_values
+from llark.commands.common import add_generation_options, add_verb, parse_key_values
 
 
 def register(sub) -> None:
@@ -39,13 +39,7 @@ def register(sub) -> None:
     p.add_argument("--encoder-option", action="append", default=None, metavar="KEY=VALUE",
                    help="encoder option, e.g. weights_dir=/models/jukebox for the jukebox encoder")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="model precision (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_generation_options(p)
     p.set_defaults(func=run)
 
 

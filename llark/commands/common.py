@@ -71,3 +71,14 @@ def parse_key_values(pairs: list[str], option: str = "--set") -> dict:
         except ValueError:
             options[key] = value
     return options
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """Decoding, precision and device options of the verbs that generate answers (ask, evaluate)."""
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="model precision (auto: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

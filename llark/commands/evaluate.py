@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llark.commands.common import add_verb, parse_key_values
+from llark.commands.common import add_generation_options, add_verb, parse_key_values
 
 
 def register(sub) -> None:
@@ -44,13 +44,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     p.add_argument("--max-new-tokens", action="append", default=None, metavar="TASK=N",
                    help="answer length limit per task (default 64; captions 256, beats 384)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="model precision (auto: float32 on CPU, bfloat16 on CUDA)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_generation_options(p)
     p.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out and start over")
     p.add_argument("--rescore", action="store_true", help="only re-score the answers already in --out")
     p.set_defaults(func=run)
