@@ -11,7 +11,9 @@ Prints:
   comparison (its import and first-call JIT cost included), which is why the encoder uses
   numpy/scipy only;
 - jukebox on CPU: load time and cost per 25 s clip of the tiny random-init model of the same
-  architecture (the code path the real weights take, at a size that runs here);
+  architecture (the code path the real weights take, at a size that runs here), and its clips/s
+  when clips are encoded one at a time and in batches of 4 (``llark embed --batch-size``; the
+  batch's windows share forward passes), with a check that both give the same arrays;
 - jukebox on GPU: parameters and an estimate of the activations of the real cut (Jukebox-5B, 36
   layers, width 4800, 8192-token windows) for 25 s clips, and the multiply-adds per clip, so a
   user can size workers (one worker per GPU) and --batch-windows.
@@ -94,7 +96,7 @@ def bench_features(clips: list[np.ndarray], skip_librosa: bool) -> None:
           f"plus {first:.1f} s to import it and JIT-compile on first use (per worker process)")
 
 
-def bench_jukebox_cpu(clips: list[np.ndarray]) -> None:
+def bench_jukebox_cpu(clips: list[np.ndarray], batch_clips: int) -> None:
     import torch
 
     from pipeline.encoders import jukebox as jb
@@ -110,9 +112,27 @@ def bench_jukebox_cpu(clips: list[np.ndarray]) -> None:
         for clip in clips[:5]:
             out = encoder.encode(clip, SR)
         seconds = (time.perf_counter() - start) / min(5, len(clips))
-    arch = jb.JUKEBOX_TINY
-    print(f"jukebox, tiny random model (width {arch.width}, {arch.depth} layers cut at 3, {arch.n_ctx}-token "
-          f"windows), CPU, one thread: load {load:.1f} s, {seconds:.2f} s per 25 s clip -> {out.shape}")
+        arch = jb.JUKEBOX_TINY
+        print(f"jukebox, tiny random model (width {arch.width}, {arch.depth} layers cut at 3, {arch.n_ctx}-token "
+              f"windows), CPU, one thread: load {load:.1f} s, {seconds:.2f} s per 25 s clip -> {out.shape}")
+
+        # A 25 s clip is 68 of the tiny model's 128-token windows but 2 of the real model's; clips of
+        # 0.6 s are 2 tiny windows, so batching them is what batching 25 s clips is for the real model.
+        long_clips = clips[:batch_clips]
+        short_clips = [clip[: int(0.6 * SR)] for clip in long_clips] * 4
+        for label, chosen in (("25 s", long_clips), ("0.6 s (2 windows, as 25 s for Jukebox-5B)", short_clips)):
+            batch_set = [(clip, SR) for clip in chosen]
+            results = {}
+            for batch in (1, 4):
+                encoder.batch_windows = 2 * batch  # as llark embed sets it for --batch-size
+                start = time.perf_counter()
+                arrays = [a for i in range(0, len(batch_set), batch)
+                          for a in encoder.encode_batch(batch_set[i : i + batch])]
+                results[batch] = (len(batch_set) / (time.perf_counter() - start), arrays)
+            same = all(np.array_equal(a, b) for a, b in zip(results[1][1], results[4][1]))
+            print(f"  {len(batch_set)} clips of {label}: --batch-size 1: {results[1][0]:.2f} clips/s; "
+                  f"--batch-size 4: {results[4][0]:.2f} clips/s ({results[4][0] / results[1][0]:.2f}x); "
+                  f"arrays {'identical' if same else 'DIFFERENT'}")
 
 
 def bench_jukebox_gpu_estimate() -> None:
@@ -120,7 +140,7 @@ def bench_jukebox_gpu_estimate() -> None:
 
     arch, layer = jb.JUKEBOX_5B, jb.DEFAULT_LAYER
     print(f"jukebox-5b cut after layer {layer} on a GPU (estimate; float16 or bfloat16 transformer):")
-    for batch in (1, 2, 4):
+    for batch in (1, 2, 4, 8, 16):
         e = jb.estimate_gpu_memory(arch, layer, compute_bytes=2, batch_windows=batch)
         print(f"  --batch-windows {batch}: weights {e['transformer_weights'] / GB:.2f} GB (16-bit transformer) + "
               f"{e['float32_weights'] / GB:.2f} GB (float32 embeddings, norms, VQ-VAE encoder) + activations "
@@ -139,10 +159,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=20, help="25 s clips for the features encoder")
     parser.add_argument("--skip-librosa", action="store_true")
+    parser.add_argument("--batch-clips", type=int, default=8, help="25 s clips for the jukebox batch 1 vs 4 timing")
     args = parser.parse_args()
-    clips = [synthetic_clip(25.0, seed) for seed in range(args.clips)]
-    bench_features(clips, args.skip_librosa)
-    bench_jukebox_cpu(clips)
+    clips = [synthetic_clip(25.0, seed) for seed in range(max(args.clips, args.batch_clips))]
+    bench_features(clips[: args.clips], args.skip_librosa)
+    bench_jukebox_cpu(clips, args.batch_clips)
     bench_jukebox_gpu_estimate()
 
 

@@ -9,10 +9,14 @@ and instruction records), then times, in this run and on the disk holding --dir:
 - ``llark shards`` (join, plan, read every .npy, write tar with fsync) against ``dd
   if=/dev/zero bs=1M conv=fsync`` of the same number of bytes (writing only), and against copying
   the .npy files into one file with ``cat | dd conv=fsync`` (the same reads and writes);
-- reading every sample back with webdataset (tar parsing and npy decoding), in one process and in
-  one process per shard (as DataLoader workers do), against ``dd of=/dev/null bs=1M`` over the
-  same shard files;
+- reading every sample back, against ``dd of=/dev/null bs=1M`` over the same shard files: with
+  webdataset's pipeline (tar parsing and its default decoders), in one process and in one process
+  per shard (as DataLoader workers do); with webdataset's tar iterator and ``np.load`` (what
+  ``llark.data.iter_shard`` and ``decode_audio`` do); and with ``pipeline.shard_reader`` followed
+  by ``np.load``, and by its copy-free ``npy_array``;
 - ``validate-shards`` over the same shards.
+
+Read-back steps run in ``--rounds`` rounds and each shows its fastest round.
 
 When the page cache can be dropped (root on Linux), it is dropped before each timed step, so reads
 come from the disk (on a virtual machine the host may still cache them); otherwise the figures
@@ -22,6 +26,7 @@ are for warm caches and say so. Needs about 3 x 2.4 MB per sample of free space.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.encoders import write_manifest  # noqa: E402
 from pipeline.records import ClipRecord  # noqa: E402
 from pipeline.runner import InlineExecutor, LocalExecutor  # noqa: E402
+from pipeline.shard_reader import iter_samples, npy_array  # noqa: E402
 from pipeline.shards import build_shards  # noqa: E402
 from pipeline.validate_shards import validate_shards  # noqa: E402
 
@@ -87,6 +93,22 @@ def read_shard(path: str) -> int:
     return sum(1 for _ in wds.WebDataset([path], shardshuffle=False).decode())
 
 
+def webdataset_tar_samples(url: str):
+    """Raw samples the way llark.data.iter_shard reads them: gopen + tar_file_iterator + group_by_keys."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    stream = gopen(url)
+    try:
+        yield from group_by_keys({**member, "__url__": url} for member in tar_file_iterator(stream))
+    finally:
+        stream.close()
+
+
+def np_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def dd(args: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(["dd", *args, "status=none"], check=True)
@@ -95,7 +117,7 @@ def dd(args: list[str]) -> float:
 
 def line(label: str, seconds: float, nbytes: int, samples: int | None, reference: float | None = None) -> str:
     rate = nbytes / seconds / 1e6
-    text = f"  {label:<38} {seconds:7.2f} s  {rate:8.1f} MB/s"
+    text = f"  {label:<40} {seconds:7.2f} s  {rate:8.1f} MB/s"
     if samples is not None:
         text += f"  {samples / seconds:8.1f} samples/s"
     if reference is not None:
@@ -109,6 +131,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("runs/bench-shards"))
     parser.add_argument("--workers", type=int, default=1, help="shard-writing processes (1: one core)")
     parser.add_argument("--shard-bytes", type=float, default=1e9)
+    parser.add_argument("--rounds", type=int, default=3, help="read-back rounds; each reader's fastest is shown")
     parser.add_argument("--keep", action="store_true", help="keep the files afterwards")
     args = parser.parse_args()
 
@@ -143,38 +166,59 @@ def main() -> None:
         dd_copy = source_bytes / dd_copy_s / 1e6
         (root / "copy.bin").unlink()
 
-        import webdataset as wds
+        urls = [str(p) for p in shard_files]
 
-        drop_caches()
-        start = time.perf_counter()
-        checksum, read = 0.0, 0
-        for sample in wds.WebDataset([str(p) for p in shard_files], shardshuffle=False).decode():
-            checksum += float(sample["npy"][0, 0])
-            read += 1
-        read_s = time.perf_counter() - start
-        assert read == args.samples
+        def webdataset_decoded() -> None:
+            import webdataset as wds
+
+            checksum, read = 0.0, 0
+            for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+                checksum += float(sample["npy"][0, 0])
+                read += 1
+            assert read == args.samples
+
+        def raw_reader(samples, decode):
+            def run() -> None:
+                checksum, read = 0.0, 0
+                for url in urls:
+                    for sample in samples(url):
+                        checksum += float(decode(sample["npy"])[0, 0])
+                        read += 1
+                assert read == args.samples
+            return run
+
+        def parallel_webdataset() -> None:
+            with multiprocessing.get_context("spawn").Pool(readers) as pool:
+                assert sum(pool.map(read_shard, urls)) == args.samples
+
+        def dd_read_all() -> None:
+            for url in urls:
+                subprocess.run(["dd", f"if={url}", "of=/dev/null", "bs=1M", "status=none"], check=True)
+
+        def validate() -> None:
+            report = validate_shards(root / "shards", workers=args.workers)
+            assert report.ok, report.lines()
 
         readers = min(len(shard_files), os.cpu_count() or 1)
-        parallel_s = None
+        steps = {"dd of=/dev/null bs=1M": dd_read_all, "webdataset, every sample decoded": webdataset_decoded}
         if readers > 1:
-            drop_caches()
-            start = time.perf_counter()
-            with multiprocessing.get_context("spawn").Pool(readers) as pool:
-                assert sum(pool.map(read_shard, [str(p) for p in shard_files])) == args.samples
-            parallel_s = time.perf_counter() - start
-
-        drop_caches()
-        start = time.perf_counter()
-        for path in shard_files:
-            subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", "status=none"], check=True)
-        dd_read_s = time.perf_counter() - start
-        dd_read = shard_bytes / dd_read_s / 1e6
-
-        drop_caches()
-        start = time.perf_counter()
-        report = validate_shards(root / "shards", workers=args.workers)
-        validate_s = time.perf_counter() - start
-        assert report.ok, report.lines()
+            steps[f"webdataset, {readers} reader processes"] = parallel_webdataset
+        steps.update({
+            "webdataset tar iterator + np.load": raw_reader(webdataset_tar_samples, np_load),
+            "shard_reader + np.load": raw_reader(iter_samples, np_load),
+            "shard_reader + npy_array (no copy)": raw_reader(iter_samples, npy_array),
+            "validate-shards": validate,
+        })
+        # Rounds of every step in turn, keeping each step's fastest: a busy machine or a noisy disk
+        # then slows all readers alike instead of whichever ran at the wrong moment.
+        fastest = {label: float("inf") for label in steps}
+        for _ in range(args.rounds):
+            for label, step in steps.items():
+                drop_caches()
+                start = time.perf_counter()
+                step()
+                fastest[label] = min(fastest[label], time.perf_counter() - start)
+        dd_read = shard_bytes / fastest["dd of=/dev/null bs=1M"] / 1e6
 
         print(f"{len(shard_files)} shards, {shard_bytes / 1e6:.0f} MB; shard writing on {args.workers} process(es)")
         print("write")
@@ -182,12 +226,12 @@ def main() -> None:
         print(line("cat *.npy | dd bs=1M conv=fsync (copy)", dd_copy_s, source_bytes, None))
         copied = line("llark shards (read .npy, write tar)", write_s, shard_bytes, args.samples, dd_write)
         print(f"{copied[:-1]}, {100 * shard_bytes / write_s / 1e6 / dd_copy:.0f}% of the copy)")
-        print("read back")
-        print(line("dd of=/dev/null bs=1M", dd_read_s, shard_bytes, None))
-        print(line("webdataset, every sample decoded", read_s, shard_bytes, args.samples, dd_read))
-        if parallel_s is not None:
-            print(line(f"webdataset, {readers} reader processes", parallel_s, shard_bytes, args.samples, dd_read))
-        print(line("validate-shards", validate_s, shard_bytes, args.samples, dd_read))
+        print(f"read back (the fastest of {args.rounds} rounds)")
+        for label, seconds in fastest.items():
+            if label.startswith("dd "):
+                print(line(label, seconds, shard_bytes, None))
+            else:
+                print(line(label, seconds, shard_bytes, args.samples, dd_read))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runner import RunAborted, StageConfigError
+    from pipeline.runner import RunAborted, StageConfigError, describe_os_error, disk_remedy, is_disk_failure
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -55,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunAborted as exc:
         print(f"llark {args.verb}: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        if not is_disk_failure(exc):
+            raise
+        # A stage that does not turn a full disk into RunAborted itself still ends like one.
+        print(f"llark {args.verb}: stopped: {describe_os_error(exc)}; {disk_remedy(exc.errno == errno.EROFS)}",
+              file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print(f"llark {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -21,6 +21,7 @@ too_short          the window is shorter than ``min_duration_s``
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipeline.runner import ItemError
+from pipeline.runner import ItemError, atomic_write
 
 TARGET_SAMPLE_RATE = 44_100
 
@@ -151,9 +152,12 @@ def write_wav16(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) ->
     peak = float(np.max(np.abs(audio))) if len(audio) else 0.0
     if peak > 0.999:  # float sources and resampling overshoot can exceed full scale
         audio = audio * (0.999 / peak)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sf.write(tmp, audio, sample_rate, subtype="PCM_16", format="WAV")
-    os.replace(tmp, path)
+    # Encoded in memory and written by Python: libsndfile reports a failed write (a full disk) as
+    # "System error" without its errno, which would hide that no later write can succeed either.
+    encoded = io.BytesIO()
+    sf.write(encoded, audio, sample_rate, subtype="PCM_16", format="WAV")
+    with atomic_write(path) as fh:
+        fh.write(encoded.getbuffer())
 
 
 def _sf_reason(exc: Exception) -> str:

@@ -14,13 +14,20 @@ embeddings directory:
   describes another encoder configuration is refused, so one directory never mixes two.
 
 The encoder is built once per worker (``Stage.setup``: the Jukebox weights load there), and the
-runner gives resume, parallel workers, progress and error records.
+runner gives resume, parallel workers, progress and error records. With ``batch_size`` > 1 the
+runner hands a worker that many clips at once (``embed_batch``): each is read alone, and the
+readable ones go through one ``encode_batch`` call (Jukebox stacks their context windows into
+shared forward passes). If that call fails as a whole (a clip the encoder refuses, the GPU out of
+memory), the runner encodes the batch's clips one at a time, so only a clip at fault fails.
+Batching does not change the arrays: the same clips give byte-identical ``.npy`` files whatever
+the batch size, on CPU (on a GPU, batched matrix products may round differently).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +44,14 @@ from pipeline.encoders import (
     read_manifest,
     write_manifest,
 )
-from pipeline.records import parse_record
-from pipeline.runner import ItemError, Stage, StageConfigError
+from pipeline.records import ClipRecord, parse_record
+from pipeline.runner import ItemError, Stage, StageConfigError, atomic_write
 
 EMBEDDINGS_JSONL = "embeddings.jsonl"
+
+
+# Encoder options that decide how work is grouped, not what is computed: a rerun may change them.
+SCHEDULING_OPTIONS = ("batch_windows",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,12 @@ class EmbedSettings:
     dtype: str = "float16"
     options: dict[str, Any] = field(default_factory=dict)
     checks: AudioChecks = field(default_factory=AudioChecks)
+
+    def ledger_json(self) -> dict[str, Any]:
+        """The settings the ledger records: all but the scheduling options."""
+        recorded = json.loads(json.dumps(asdict(self), default=str))
+        recorded["options"] = {k: v for k, v in recorded["options"].items() if k not in SCHEDULING_OPTIONS}
+        return recorded
 
 
 @dataclass
@@ -107,24 +124,23 @@ def to_output_dtype(array: np.ndarray, dtype: str) -> np.ndarray:
 def save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` to a temporary name, then rename: a reader never sees half an array."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.save(fh, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
-def embed_item(row: dict, state: EmbedState) -> dict:
-    """Per-item function of the embed stage: one clip record → its ``.npy`` and an embedding record."""
-    settings, encoder = state.settings, state.encoder
+def read_clip(row: dict, settings: EmbedSettings) -> tuple[ClipRecord, np.ndarray]:
+    """The clip record and its audio at 44.1 kHz (ItemError when there is no usable clip)."""
     record = parse_record(row)
     if not record.clip_path:
         raise ItemError("no_clip", "the record has no clip_path; run `llark crop` on it first")
     info = probe(record.clip_path, settings.checks)
     audio = read_window(info, 0.0, info.duration_s, target_sample_rate=TARGET_SAMPLE_RATE, checks=settings.checks)
-    try:
-        encoding = encoder.encode_batch([(audio, TARGET_SAMPLE_RATE)])[0]
-    except ValueError as exc:
-        raise ItemError("encoder_refused", str(exc)) from None
+    return record, audio
+
+
+def save_encoding(record: ClipRecord, audio: np.ndarray, encoding: np.ndarray, state: EmbedState) -> dict:
+    """Check and store one clip's encoding; return its embedding record."""
+    settings, encoder = state.settings, state.encoder
     if encoding.ndim != 2 or encoding.shape[1] != encoder.dim or encoding.shape[0] < 1:
         raise ItemError("bad_shape", f"the encoder returned shape {encoding.shape}, expected [frames, {encoder.dim}]")
     array = to_output_dtype(encoding, settings.dtype)
@@ -143,5 +159,37 @@ def embed_item(row: dict, state: EmbedState) -> dict:
     }
 
 
-def embed_stage(settings: EmbedSettings) -> Stage:
-    return Stage(name="embed", process=embed_item, settings=settings, setup=setup_embed)
+def embed_item(row: dict, state: EmbedState) -> dict:
+    """Per-item function of the embed stage: one clip record → its ``.npy`` and an embedding record."""
+    record, audio = read_clip(row, state.settings)
+    try:
+        encoding = state.encoder.encode_batch([(audio, TARGET_SAMPLE_RATE)])[0]
+    except ValueError as exc:
+        raise ItemError("encoder_refused", str(exc)) from None
+    return save_encoding(record, audio, encoding, state)
+
+
+def embed_batch(rows: list[dict], state: EmbedState) -> list[dict | Exception]:
+    """Batch function of the embed stage: the clips that can be read are encoded in one
+    ``encode_batch`` call; a clip that cannot be read or stored is that row's error. An encoder
+    failure is raised, and the runner then embeds the rows one at a time."""
+    results: list[dict | Exception | None] = [None] * len(rows)
+    loaded = []
+    for position, row in enumerate(rows):
+        try:
+            loaded.append((position, *read_clip(row, state.settings)))
+        except Exception as exc:
+            results[position] = exc
+    if loaded:
+        encodings = state.encoder.encode_batch([(audio, TARGET_SAMPLE_RATE) for _, _, audio in loaded])
+        for (position, record, audio), encoding in zip(loaded, encodings, strict=True):
+            try:
+                results[position] = save_encoding(record, audio, encoding, state)
+            except Exception as exc:
+                results[position] = exc
+    return results
+
+
+def embed_stage(settings: EmbedSettings, batch_size: int = 1) -> Stage:
+    return Stage(name="embed", process=embed_item, settings=settings, setup=setup_embed,
+                 process_batch=embed_batch, batch_size=batch_size)

@@ -13,8 +13,12 @@ Two ways to place the work:
 - **actors** (``use_actors=True``, for GPU stages such as embed): a fixed pool of actors, each
   holding ``num_gpus`` and loading the model once, receives batches as it frees up.
 
-A batch whose worker dies (a native crash, the OOM killer, a lost node) is split and its items are
-rerun one at a time; an item that kills its worker again is recorded as ``worker_crashed``.
+Each task or actor call takes ``batch_size`` items (``--ray-batch-size``); for a batched stage
+(``Stage.process_batch``) that is rounded up to a multiple of the stage's batch size, and the
+worker runs the stage's batches with ``pipeline.runner.run_batch``, so a batch that fails as a
+whole is rerun item by item there. A call whose worker dies (a native crash, the OOM killer, a lost
+node) is split and its items are rerun one at a time; an item that kills its worker again is
+recorded as ``worker_crashed``.
 Ray is an optional dependency: ``pip install 'llark[ray]'``.
 """
 
@@ -24,7 +28,7 @@ import json
 import logging
 from typing import Any, Iterator
 
-from pipeline.runner import THREAD_ENV_VARS, Stage, StageConfigError, run_item
+from pipeline.runner import THREAD_ENV_VARS, Stage, StageConfigError, run_chunks
 
 log = logging.getLogger("llark")
 
@@ -64,8 +68,7 @@ def _state_for(stage: Stage) -> Any:
 
 
 def run_batch_in_task(stage: Stage, rows: list[dict]) -> list[dict]:
-    state = _state_for(stage)
-    return [run_item(stage.process, row, state) for row in rows]
+    return run_chunks(stage, rows, _state_for(stage))
 
 
 class StageActor:
@@ -76,7 +79,7 @@ class StageActor:
         self.state = stage.setup(stage.settings) if stage.setup else stage.settings
 
     def run(self, rows: list[dict]) -> list[dict]:
-        return [run_item(self.stage.process, row, self.state) for row in rows]
+        return run_chunks(self.stage, rows, self.state)
 
 
 class RayExecutor:
@@ -137,7 +140,10 @@ class RayExecutor:
         ray = self.ray
         crash_errors = (ray.exceptions.WorkerCrashedError, ray.exceptions.RayActorError,
                         ray.exceptions.NodeDiedError, ray.exceptions.OutOfMemoryError)
-        batches = [items[i : i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        per_call = self.batch_size
+        if stage.batched:
+            per_call = -(-self.batch_size // stage.batch_size) * stage.batch_size
+        batches = [items[i : i + per_call] for i in range(0, len(items), per_call)]
         batches.reverse()
         retry: list[tuple[int, dict]] = []  # items of crashed batches, to rerun alone
         actors = self._actor_pool(stage) if self.use_actors else []

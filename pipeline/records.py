@@ -16,6 +16,7 @@ no dot at all (webdataset cuts a sample key at its first dot).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -219,13 +220,20 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | BaseModel]) -> in
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(to_json_line(row))
-            count += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(to_json_line(row))
+                count += 1
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a failed write names no file
+            exc.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when the write failed
     return count
 
 

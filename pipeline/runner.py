@@ -13,21 +13,32 @@ A stage is a per-item function of one input record; the runner does everything e
 Progress is kept in a ledger beside the output (``OUTPUT.ledger``): one JSON line per finished input
 item, appended and flushed as items finish. A killed run leaves at most a torn last line, which the
 next run discards. The output file itself is only ever replaced whole (written to a temporary file,
-then renamed), so a reader never sees half of it. The ledger's first line records the stage's
-settings; a rerun with different settings refuses to mix the two.
+then renamed), so a reader never sees half of it. Temporary files are named ``.NAME.tmp-PID``; the
+next run on the same output removes those a killed run left (whose process is gone). The ledger's
+first line records the stage's settings; a rerun with different settings refuses to mix the two.
+A full or read-only disk, met by an item or by the runner itself, ends the run with ``RunAborted``.
 
 Executors only see ``Stage`` objects and lists of ``(index, row)``; a distributed executor (Ray)
 plugs in beside ``LocalExecutor`` without touching the per-item functions.
+
+A stage whose work batches well (a model on a GPU) may also give ``process_batch`` and a
+``batch_size``: executors then hand it up to ``batch_size`` consecutive items at once, and
+everything above stays per item (ledger, error records, order, progress, resume). A batch call that
+fails as a whole, or whose worker dies, is rerun one item at a time through ``process``, so only
+the item at fault becomes an error record.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import errno
 import json
 import logging
 import multiprocessing
 import os
+import re
+import secrets
 import socket
 import sys
 import time
@@ -35,7 +46,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import IO, Any, Callable, Iterator, Protocol
 
 from pipeline.records import InvalidRecord, check_id, iter_jsonl, to_json_line
 
@@ -79,6 +90,27 @@ class RunAborted(RuntimeError):
 FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
+def is_disk_failure(exc: BaseException) -> bool:
+    """``exc`` says the disk is full, over quota or read-only: no later write can succeed either."""
+    return isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``strerror: filename``, e.g. ``No space left on device: /data/clips/a.wav``."""
+    text = exc.strerror or str(exc)
+    return f"{text}: {exc.filename}" if exc.filename else text
+
+
+def disk_remedy(read_only: bool = False) -> str:
+    """What to do before rerunning a run that a full (or read-only) disk stopped."""
+    return f"{'make the disk writable' if read_only else 'free space'} and rerun the same command to go on"
+
+
+def stopped_by_disk(stage: str, exc: OSError, kept: str) -> RunAborted:
+    """The error that ends a run whose disk failed (``is_disk_failure``); ``kept`` says what is safe."""
+    return RunAborted(f"{stage} stopped: {describe_os_error(exc)}. {kept}; {disk_remedy(exc.errno == errno.EROFS)}.")
+
+
 @dataclass(frozen=True)
 class Stage:
     """A named per-item function and what it needs.
@@ -86,19 +118,44 @@ class Stage:
     ``process(row, state)`` maps one input row (a dict) to one output row or a list of them.
     ``state`` is ``setup(settings)`` when ``setup`` is given (called once per worker, e.g. to load a
     model), else ``settings`` itself. ``settings`` must be picklable and is recorded, as JSON, in
-    the ledger so that a rerun with other settings is refused. Both functions must be importable
-    module-level functions (they travel to worker processes).
+    the ledger so that a rerun with other settings is refused; a settings object with a
+    ``ledger_json()`` method records that instead (leaving out what cannot change the results,
+    such as how many items share a model call). The functions must be importable module-level
+    functions (they travel to worker processes).
+
+    ``process_batch(rows, state)``, when given, does the work of ``process`` for several rows at
+    once and returns one result per row, in order: what ``process`` would return, or the exception
+    that row failed with. Executors call it on up to ``batch_size`` consecutive items (``process``
+    still serves single items and the one-at-a-time rerun of a batch that failed as a whole). The
+    batch size is not a setting: a rerun with another batch size resumes the same ledger.
     """
 
     name: str
     process: Callable[[dict, Any], dict | list[dict]]
     settings: Any = None
     setup: Callable[[Any], Any] | None = None
+    process_batch: Callable[[list[dict], Any], list[Any]] | None = None
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise StageConfigError(f"--batch-size must be at least 1, got {self.batch_size!r}")
+
+    @property
+    def batched(self) -> bool:
+        return self.process_batch is not None and self.batch_size > 1
+
+    def chunks(self, items: list) -> list[list]:
+        """``items`` cut into the consecutive runs that executors hand over together."""
+        size = self.batch_size if self.batched else 1
+        return [items[i : i + size] for i in range(0, len(items), size)]
 
     def settings_json(self) -> Any:
         s = self.settings
         if s is None:
             return None
+        if hasattr(s, "ledger_json"):
+            return s.ledger_json()
         if hasattr(s, "model_dump"):
             return s.model_dump(mode="json")
         if hasattr(s, "__dataclass_fields__"):
@@ -128,31 +185,71 @@ def run_item(process: Callable, row: dict, state: Any) -> dict:
 def _run_item(process: Callable, row: dict, state: Any) -> dict:
     try:
         result = process(row, state)
+    except Exception as exc:
+        return failure_outcome(exc)
+    return result_outcome(result)
+
+
+def result_outcome(result: Any) -> dict:
+    """The ledger outcome of what a per-item function returned (or an exception it returned)."""
+    if isinstance(result, BaseException):
+        return failure_outcome(result)
+    try:
         outputs = result if isinstance(result, list) else [result]
         for out in outputs:
             if not isinstance(out, dict):
                 raise TypeError(f"the stage returned a {type(out).__name__}, not a dict")
             check_id(out.get("id"))
-        return {"ok": True, "outputs": outputs}
-    except ItemError as exc:
+    except Exception as exc:
+        return failure_outcome(exc)
+    return {"ok": True, "outputs": outputs}
+
+
+def failure_outcome(exc: BaseException) -> dict:
+    """The ledger outcome of an item that failed with ``exc``."""
+    if isinstance(exc, ItemError):
         return {"ok": False, "code": exc.code, "reason": str(exc)}
-    except InvalidRecord as exc:
+    if isinstance(exc, InvalidRecord):
         return {"ok": False, "code": "invalid_record", "reason": str(exc)}
-    except MemoryError:
+    if isinstance(exc, MemoryError):
         return {"ok": False, "code": "out_of_memory", "reason": "ran out of memory on this item"}
-    except OSError as exc:
-        if exc.errno in FATAL_ERRNOS:
-            return {"ok": False, "fatal": True, "code": "disk_full" if exc.errno != errno.EROFS else "read_only",
-                    "reason": f"{exc.strerror}: {exc.filename or ''}".rstrip(": ")}
-        return {"ok": False, "code": f"exception:{type(exc).__name__}", "reason": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(limit=8)}
-    except Exception as exc:  # a bug or an unforeseen input: keep the traceback for the report
-        return {
-            "ok": False,
-            "code": f"exception:{type(exc).__name__}",
-            "reason": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(limit=8),
-        }
+    if is_disk_failure(exc):
+        return {"ok": False, "fatal": True, "code": "disk_full" if exc.errno != errno.EROFS else "read_only",
+                "reason": describe_os_error(exc)}
+    # a bug or an unforeseen input: keep the traceback for the report
+    return {
+        "ok": False,
+        "code": f"exception:{type(exc).__name__}",
+        "reason": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
+    }
+
+
+def run_batch(stage: Stage, rows: list[dict], state: Any) -> list[dict]:
+    """Outcomes of ``rows``, in order (never raises): one ``process_batch`` call for a batched
+    stage, else ``run_item`` per row. A batch call that raises, or does not return one result per
+    row, is rerun one row at a time, so that only the row at fault fails. The batch's CPU and wall
+    seconds are shared equally among its rows."""
+    if not stage.batched or len(rows) < 2:
+        return [run_item(stage.process, row, state) for row in rows]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    try:
+        results = stage.process_batch(rows, state)
+        if not isinstance(results, list) or len(results) != len(rows):
+            got = len(results) if isinstance(results, list) else type(results).__name__
+            raise TypeError(f"process_batch returned {got} results for {len(rows)} rows")
+    except Exception as exc:
+        log.warning("%s: a batch of %d items failed as a whole (%s: %s); running them one at a time",
+                    stage.name, len(rows), type(exc).__name__, exc)
+        return [run_item(stage.process, row, state) for row in rows]
+    cpu_s = round((time.process_time() - cpu0) / len(rows), 4)
+    wall_s = round((time.perf_counter() - wall0) / len(rows), 4)
+    return [{**result_outcome(result), "cpu_s": cpu_s, "wall_s": wall_s} for result in results]
+
+
+def run_chunks(stage: Stage, rows: list[dict], state: Any) -> list[dict]:
+    """Outcomes of ``rows``, in order, running them in the stage's batches (``run_batch``)."""
+    return [outcome for chunk in stage.chunks(rows) for outcome in run_batch(stage, chunk, state)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +258,8 @@ def _run_item(process: Callable, row: dict, state: Any) -> dict:
 
 class Executor(Protocol):
     """Runs a stage's per-item function over ``(index, row)`` pairs, yielding ``(index, outcome)``
-    as items finish, in any order. Outcomes are what ``run_item`` returns."""
+    as items finish, in any order. Outcomes are what ``run_item`` returns. A batched stage's items
+    go to ``run_batch`` in the runs ``Stage.chunks`` cuts, and come back one outcome per item."""
 
     workers: int
 
@@ -169,17 +267,21 @@ class Executor(Protocol):
 
 
 _WORKER_STATE: Any = None
-_WORKER_PROCESS: Callable | None = None
+_WORKER_STAGE: Stage | None = None
 
 
 def _init_worker(stage: Stage) -> None:
-    global _WORKER_STATE, _WORKER_PROCESS
-    _WORKER_PROCESS = stage.process
+    global _WORKER_STATE, _WORKER_STAGE
+    _WORKER_STAGE = stage
     _WORKER_STATE = stage.setup(stage.settings) if stage.setup else stage.settings
 
 
 def _run_in_worker(row: dict) -> dict:
-    return run_item(_WORKER_PROCESS, row, _WORKER_STATE)
+    return run_item(_WORKER_STAGE.process, row, _WORKER_STATE)
+
+
+def _run_batch_in_worker(rows: list[dict]) -> list[dict]:
+    return run_batch(_WORKER_STAGE, rows, _WORKER_STATE)
 
 
 def _worker_ready() -> bool:
@@ -196,9 +298,11 @@ def default_workers() -> int:
 class LocalExecutor:
     """Worker processes on this machine (``spawn``ed, one BLAS/OpenMP thread each).
 
-    A worker that dies (a segfault in native code, the OOM killer) breaks the pool; the items that
-    were in flight are then rerun one at a time in a fresh pool, so the one that kills its worker
-    again is recorded as ``worker_crashed`` and the others finish normally.
+    Workers receive one item at a time, or one batch of a batched stage; ``max_in_flight`` counts
+    those (default: two per worker). A worker that dies (a segfault in native code, the OOM killer)
+    breaks the pool; the items that were in flight, batches included, are then rerun one at a time
+    in a one-worker pool, so the one that kills its worker again is recorded as ``worker_crashed``
+    and the others finish normally.
     """
 
     def __init__(self, workers: int | None = None, max_in_flight: int | None = None):
@@ -227,7 +331,7 @@ class LocalExecutor:
                     os.environ[k] = v
 
     def _run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        queue = list(reversed(items))
+        queue = list(reversed(stage.chunks(items)))
         suspects: list[tuple[int, dict]] = []
         while queue or suspects:
             if suspects:
@@ -235,33 +339,35 @@ class LocalExecutor:
                 suspects = []
                 continue
             pool = self._pool(stage, self.workers)
-            in_flight: dict[cf.Future, tuple[int, dict]] = {}
+            in_flight: dict[cf.Future, list[tuple[int, dict]]] = {}
             try:
                 while queue or in_flight:
                     broken = False
                     while queue and len(in_flight) < self.max_in_flight:
-                        index, row = queue.pop()
+                        chunk = queue.pop()
                         try:
-                            in_flight[pool.submit(_run_in_worker, row)] = (index, row)
+                            in_flight[pool.submit(_run_batch_in_worker, [row for _, row in chunk])] = chunk
                         except cf.process.BrokenProcessPool:  # a worker died since the last wait
-                            queue.append((index, row))
+                            queue.append(chunk)
                             broken = True
                             break
                     if not broken:
                         done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
                         for fut in done:
-                            index, row = in_flight.pop(fut)
+                            chunk = in_flight.pop(fut)
                             try:
-                                outcome = fut.result()
+                                outcomes = fut.result()
                             except cf.process.BrokenProcessPool:
-                                suspects.append((index, row))
+                                suspects.extend(chunk)
                                 broken = True
                                 continue
-                            yield index, outcome
+                            for (index, _), outcome in zip(chunk, outcomes):
+                                yield index, outcome
                     if broken:
                         if not in_flight and not suspects:
                             raise RunAborted(self._setup_crash_message(stage))
-                        suspects.extend(in_flight.values())
+                        for chunk in in_flight.values():
+                            suspects.extend(chunk)
                         in_flight.clear()
                         log.warning(
                             "%s: a worker process died; rerunning the %d items that were in "
@@ -279,36 +385,44 @@ class LocalExecutor:
                 "setup crashes); rerun with --executor inline to see the error")
 
     def _run_isolated(self, stage: Stage, suspects: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        for index, row in sorted(suspects, key=lambda x: x[0]):
-            pool = self._pool(stage, 1)
-            try:
-                pool.submit(_worker_ready).result()
-            except cf.process.BrokenProcessPool:
+        """One suspect at a time in a one-worker pool (set up once, and again after each crash)."""
+        pool = None
+        try:
+            for index, row in sorted(suspects, key=lambda x: x[0]):
+                if pool is None:
+                    pool = self._pool(stage, 1)
+                    try:
+                        pool.submit(_worker_ready).result()
+                    except cf.process.BrokenProcessPool:
+                        raise RunAborted(self._setup_crash_message(stage)) from None
+                try:
+                    outcome = pool.submit(_run_in_worker, row).result()
+                except cf.process.BrokenProcessPool:
+                    outcome = {
+                        "ok": False,
+                        "code": "worker_crashed",
+                        "reason": "the worker process died while processing this item "
+                        "(a crash in native code or the out-of-memory killer)",
+                    }
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    pool = None
+                yield index, outcome
+        finally:
+            if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-                raise RunAborted(self._setup_crash_message(stage)) from None
-            try:
-                outcome = pool.submit(_run_in_worker, row).result()
-            except cf.process.BrokenProcessPool:
-                outcome = {
-                    "ok": False,
-                    "code": "worker_crashed",
-                    "reason": "the worker process died while processing this item "
-                    "(a crash in native code or the out-of-memory killer)",
-                }
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-            yield index, outcome
 
 
 class InlineExecutor:
-    """Runs items in this process, one after another: for debugging and tiny inputs."""
+    """Runs items (or a batched stage's batches) in this process, one after another: for debugging
+    and tiny inputs."""
 
     workers = 1
 
     def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
         state = stage.setup(stage.settings) if stage.setup else stage.settings
-        for index, row in items:
-            yield index, run_item(stage.process, row, state)
+        for chunk in stage.chunks(items):
+            for (index, _), outcome in zip(chunk, run_batch(stage, [row for _, row in chunk], state)):
+                yield index, outcome
 
 
 def make_executor(name: str, workers: int | None = None, **ray_options: Any) -> Executor:
@@ -387,8 +501,81 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``.NAME.tmp-PID``, so that a later
+    run can tell whose it is (``remove_dead_temporaries``)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
+    """A file object on ``path``'s temporary file, renamed to ``path`` when the block ends without
+    an error and removed when it does not: ``path`` is never seen half written. A full disk's error
+    names ``path`` (a failed write alone does not say where the disk is full)."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None and is_disk_failure(exc):
+            exc.filename = str(path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: Path, owned: Callable[[str], bool]) -> list[Path]:
+    """Delete the temporary files (``.NAME.tmp-PID``) in ``directory`` that a process no longer alive
+    on this host left behind (a killed run) while writing a file NAME for which ``owned(NAME)`` holds.
+
+    Call it holding the lock of the output those names belong to: no live run then writes them,
+    and a live process's temporaries are kept all the same. Returns the files removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or not owned(match["name"]) or not entry.is_file(follow_symlinks=False):
+            continue
+        if pid_alive(int(match["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d temporary files that killed runs left in %s", len(removed), directory)
+    return removed
+
+
 class OutputLock:
-    """A lock file beside the output naming its owner (pid, host); a dead owner's lock is taken over."""
+    """A lock file beside the output naming its owner (pid, host); a dead owner's lock is taken over.
+
+    The lock file appears with its owner already in it (written to a temporary file, then hard-linked
+    into place), so another run never reads an empty lock and mistakes it for a stale one.
+    """
 
     def __init__(self, output: Path, stage: str):
         self.path = lock_path(output)
@@ -398,24 +585,51 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": self.stage, "since": time.time()}
         for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and self._alive(owner):
-                    raise OutputLocked(
-                        f"{self.path.with_suffix('')} is being written by another run "
-                        f"(stage {owner.get('stage')}, pid {owner.get('pid')} on {owner.get('host')}); "
-                        f"wait for it to finish, or delete {self.path} if that run is gone"
-                    ) from None
-                log.warning("taking over a stale lock %s left by %s", self.path, owner)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return self
+            if self._create(json.dumps(me)):
+                self.held = True
+                return self
+            owner = self._owner()
+            if owner and self._alive(owner):
+                raise OutputLocked(
+                    f"{self.path.with_suffix('')} is being written by another run "
+                    f"(stage {owner.get('stage')}, pid {owner.get('pid')} on {owner.get('host')}); "
+                    f"wait for it to finish, or delete {self.path} if that run is gone"
+                )
+            log.warning("taking over a stale lock %s left by %s", self.path, owner)
+            self.path.unlink(missing_ok=True)
         raise OutputLocked(f"could not take the lock {self.path}")
+
+    def _create(self, content: str) -> bool:
+        """Create the lock file holding ``content`` in one step; False if it already exists."""
+        # A per-attempt name: two threads of one process may contend for the same lock.
+        tmp = temporary_path(self.path.with_name(f"{self.path.name}.{secrets.token_hex(4)}"))
+        try:
+            _write_owner(tmp, content)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                return self._create_exclusive(content)
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self, content: str) -> bool:
+        """For file systems without hard links: create, then write (a reader may see it empty)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(content)
+        return True
+
+    def owns_temporary(self, name: str) -> bool:
+        """Whether NAME of a temporary file ``.NAME.tmp-PID`` is one of this lock's."""
+        return name.startswith(self.path.name + ".")
 
     def _owner(self) -> dict | None:
         try:
@@ -428,17 +642,22 @@ class OutputLock:
         if owner.get("host") != socket.gethostname():
             return True  # cannot tell from here: assume it is alive
         try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except (PermissionError, KeyError, ValueError, TypeError):
+            return pid_alive(int(owner["pid"]))
+        except (KeyError, ValueError, TypeError):
             return True
-        return True
 
     def __exit__(self, *exc: Any) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _write_owner(path: Path, content: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(content)
 
 
 class Ledger:
@@ -513,12 +732,8 @@ class Ledger:
 
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_write(path, "w", fsync=True) as fh:
         fh.writelines(lines)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,8 +819,28 @@ def run_stage(
     output.parent.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(stage=stage.name, output=output, errors=errors_path(output))
 
-    with OutputLock(output, stage.name):
-        ledger = Ledger(ledger_path(output), stage.name, stage.settings_json())
+    ledger = Ledger(ledger_path(output), stage.name, stage.settings_json())
+    try:
+        _run_locked(stage, input_path, output, ledger, summary, executor, retry_failed, overwrite, limit, progress)
+    except OSError as exc:
+        if not is_disk_failure(exc):
+            raise
+        raise stopped_by_disk(stage.name, exc, f"The {summary.done} items finished in this run are kept in "
+                                               f"{ledger.path}") from None
+
+    summary.seconds = time.monotonic() - started
+    for line in summary.lines():
+        log.info(line)
+    return summary
+
+
+def _run_locked(stage: Stage, input_path: Path, output: Path, ledger: Ledger, summary: RunSummary,
+                executor: Executor, retry_failed: bool, overwrite: bool, limit: int | None, progress: bool) -> None:
+    """``run_stage`` from taking the lock to writing the output and errors files."""
+    lock = OutputLock(output, stage.name)
+    with lock:
+        owned = {output.name, summary.errors.name}
+        remove_dead_temporaries(output.parent, lambda name: name in owned or lock.owns_temporary(name))
         if overwrite:
             ledger.path.unlink(missing_ok=True)
         ledger.load()
@@ -622,26 +857,28 @@ def run_stage(
         if limit is not None:
             todo = todo[:limit]
         log.info(
-            "%s: %d input items, %d already done, %d to run on %d worker%s",
+            "%s: %d input items, %d already done, %d to run on %d worker%s%s",
             stage.name, summary.total, summary.skipped, len(todo), executor.workers,
-            "" if executor.workers == 1 else "s",
+            "" if executor.workers == 1 else "s", f" in batches of {stage.batch_size}" if stage.batched else "",
         )
 
         ledger.open()
         bar = Progress(stage.name, len(todo), enabled=progress)
         ids_by_position = {position: item_id for position, item_id, _ in items}
-        aborted = None
+        aborted, remedy = None, disk_remedy()
         results = executor.run(stage, todo)
         try:
             for position, outcome in results:
                 if outcome.get("fatal"):
                     aborted = f"item {ids_by_position[position]}: {outcome['reason']}"
+                    remedy = disk_remedy(outcome["code"] == "read_only")
                     break
                 entry = {"id": ids_by_position[position], **outcome}
                 try:
                     ledger.append(entry)
                 except OSError as exc:
                     aborted = f"writing {ledger.path}: {exc.strerror or exc}"
+                    remedy = disk_remedy(exc.errno == errno.EROFS)
                     break
                 summary.done += outcome["ok"]
                 bar.update(outcome["ok"])
@@ -653,11 +890,13 @@ def run_stage(
             try:
                 ledger.close()
             except OSError as exc:
-                aborted = aborted or f"writing {ledger.path}: {exc.strerror or exc}"
+                if not aborted:
+                    aborted = f"writing {ledger.path}: {exc.strerror or exc}"
+                    remedy = disk_remedy(exc.errno == errno.EROFS)
         if aborted:
             raise RunAborted(
                 f"{stage.name} stopped: {aborted}. The {summary.done} items finished in this run are "
-                f"kept in {ledger.path}; free space and rerun the same command to go on."
+                f"kept in {ledger.path}; {remedy}."
             )
 
         # Materialise the output and errors from the ledger, in input order.
@@ -683,8 +922,3 @@ def run_stage(
         _write_atomically(output, out_lines)
         _write_atomically(summary.errors, error_lines)
         summary.outputs = len(out_lines)
-
-    summary.seconds = time.monotonic() - started
-    for line in summary.lines():
-        log.info(line)
-    return summary

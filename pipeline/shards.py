@@ -65,7 +65,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.encoders import ENCODER_JSON, manifest_differences, read_manifest, write_manifest
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
-from pipeline.runner import ItemError, OutputLock, RunSummary, Stage, StageConfigError, errors_path, run_stage
+from pipeline.runner import (
+    ItemError,
+    OutputLock,
+    RunSummary,
+    Stage,
+    StageConfigError,
+    atomic_write,
+    errors_path,
+    is_disk_failure,
+    remove_dead_temporaries,
+    run_stage,
+    stopped_by_disk,
+    temporary_path,
+)
 
 log = logging.getLogger("llark")
 
@@ -81,6 +94,9 @@ NO_INSTRUCTIONS = ("the clip names this task family but no instruction record ha
                    "failed, or left out by the instructions stage, e.g. reasoning beyond its per-dataset cap)")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-[a-z]+-[a-z]+-.+-\d{6}\.tar$")
+# Files of a shards directory besides the shards; its runs all hold the lock of plan.jsonl.
+_DIRECTORY_FILES = {ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL, SAMPLES_JSONL}
 
 
 class QAPair(BaseModel):
@@ -394,7 +410,7 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
 def write_shard_item(row: dict, settings: ShardSettings) -> dict:
     """Per-item function of the shards stage: write one planned shard atomically."""
     path = Path(row["path"])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     written, skipped = 0, []
     try:
         with open(settings.samples_path, "rb") as sample_json, open(tmp, "wb") as fh:
@@ -426,6 +442,10 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
             os.replace(tmp, path)
         else:  # every sample was refused (they are reported); no empty shard for training to open
             path.unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.filename is None and is_disk_failure(exc):
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return {
@@ -525,23 +545,26 @@ def build_shards(
     if not embeddings_dir.is_dir():
         raise StageConfigError(f"--embeddings: {embeddings_dir} is not a directory (the embed stage's --embeddings-dir)")
     manifest = prepare_shards_dir(out_dir, embeddings_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out_dir / PLAN_JSONL, "shards"):  # plan.jsonl and samples.jsonl belong to one run
-        return _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, name=name,
-                             shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed, executor=executor,
-                             overwrite=overwrite, retry_failed=retry_failed, limit=limit, progress=progress)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(out_dir / PLAN_JSONL, "shards")
+        with lock:  # plan.jsonl and samples.jsonl belong to one run
+            remove_dead_temporaries(out_dir, lambda name: (name in _DIRECTORY_FILES or bool(_SHARD_FILE.match(name))
+                                                           or lock.owns_temporary(name)))
+            return _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, name=name,
+                                 shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed, executor=executor,
+                                 overwrite=overwrite, retry_failed=retry_failed, limit=limit, progress=progress)
+    except OSError as exc:
+        if not is_disk_failure(exc):
+            raise
+        raise stopped_by_disk("shards", exc, f"The shards written so far are kept in {out_dir}") from None
 
 
 def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, *, name, shard_bytes,
                   shard_samples, seed, executor, overwrite, retry_failed, limit, progress) -> ShardsSummary:
     samples_path = out_dir / SAMPLES_JSONL
-    tmp = samples_path.with_name(f".{SAMPLES_JSONL}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as samples_out:
-            join = join_inputs(clips_path, instructions_path, embeddings_dir, manifest, samples_out)
-        os.replace(tmp, samples_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(samples_path) as samples_out:
+        join = join_inputs(clips_path, instructions_path, embeddings_dir, manifest, samples_out)
     settings = ShardSettings(out_dir=str(out_dir.resolve()), samples_path=str(samples_path.resolve()), name=name,
                              encoder=manifest["name"], dtype=manifest["dtype"], dim=manifest["dim"],
                              shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed)
@@ -589,9 +612,8 @@ def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manife
             "total_samples": sum(s["samples"] for s in shards), "splits": totals, "shards": shards,
             "missing": dict(Counter(m.reason for m in missing)),
         }
-        tmp = index_path.with_name(f".{INDEX_JSON}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, index_path)
+        with atomic_write(index_path, "w") as fh:
+            fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     else:
         index_path.unlink(missing_ok=True)
     summary = ShardsSummary(

@@ -58,3 +58,23 @@ def disk_full_on(row: dict, settings: dict) -> dict:
 def crash_on_setup(settings) -> None:
     """A per-worker setup that kills its process (a native crash while loading a model)."""
     os._exit(19)
+
+
+def enospc_after(func, calls: int, target: str | None = None):
+    """``func`` that works ``calls`` times, then raises ``OSError(ENOSPC)`` on every call: a disk
+    that has just filled up. The error names ``target``, else the call's first argument when it
+    is a path."""
+    import errno
+    import functools
+
+    done = {"calls": 0}
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if done["calls"] >= calls:
+            where = target or (args[0] if args and isinstance(args[0], (str, os.PathLike)) else None)
+            raise OSError(errno.ENOSPC, "No space left on device", None if where is None else str(where))
+        done["calls"] += 1
+        return func(*args, **kwargs)
+
+    return wrapper

@@ -32,8 +32,9 @@ unindexed_shard     a ``.tar`` in the directory that the index does not list
 ==================  ==============================================================================
 
 Nothing is unpickled: arrays are read with ``allow_pickle=False`` and pickle-typed members are
-refused by name. The tar structure is checked by offsets, because Python's tarfile (and so
-webdataset) silently stops at a corrupt or truncated header as if the archive had ended there.
+refused by name. The tar structure is read by ``pipeline.shard_reader.iter_members``, which checks
+every header, padding and the end-of-archive blocks by offset (Python's tarfile silently stops at
+a corrupt or truncated header as if the archive had ended there).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import os
-import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,10 +52,9 @@ from pydantic import ValidationError
 from pipeline.encoders import read_manifest
 from pipeline.records import InvalidRecord, parse_record
 from pipeline.runner import StageConfigError, default_workers
+from pipeline.shard_reader import ShardReadError, is_pickle_extension, iter_members, open_file
 from pipeline.shards import INDEX_JSON, SAMPLE_EXTENSIONS, EmbeddingProblem, SampleJson, parse_npy
 
-PICKLE_EXTENSIONS = {"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "joblib"}
-BLOCK = 512
 
 
 @dataclass
@@ -156,7 +155,6 @@ def validate_shard(path: str | os.PathLike, manifest: dict, expected: dict | Non
     """Read one shard member by member; ``expected`` may give its ``split``, ``task_family``, ``samples``."""
     path, expected = Path(path), expected or {}
     report = ShardReport(shard=path.name)
-    size = path.stat().st_size
     seen: set[str] = set()
     key, members = None, {}
 
@@ -166,76 +164,43 @@ def validate_shard(path: str | os.PathLike, manifest: dict, expected: dict | Non
             report.samples += 1
             report.keys.append(key)
 
-    with open(path, "rb") as fh:
+    with open_file(path) as fh:
         try:
-            tar = tarfile.open(fileobj=fh, mode="r:")
-        except tarfile.ReadError as exc:
-            report.problems.append(Problem(path.name, "bad_header" if size >= BLOCK else "truncated",
-                                           f"not a readable tar archive ({exc})", 0))
-            return report
-        end = None
-        while True:
-            try:
-                member = tar.next()
-            except tarfile.ReadError as exc:
-                if tar.offset >= size:  # the previous member's padding runs past the end of the file
-                    report.problems.append(Problem(path.name, "truncated", f"the file ends at byte {size}, inside "
-                                                   "the padding of the last member", tar.offset))
-                else:
-                    report.problems.append(Problem(path.name, "bad_header", str(exc), tar.offset))
-                break
-            if member is None:
-                end = tar.offset
-                break
-            if member.offset_data + member.size > size:
-                report.problems.append(Problem(
-                    path.name, "truncated",
-                    f"member {member.name!r} declares {member.size} bytes from byte {member.offset_data}, "
-                    f"but the file ends at byte {size}", member.offset, key))
-                finish()
-                key = None
-                end = None
-                break
-            name = member.name
-            base, dot, ext = name.partition(".")
-            if not member.isreg():
-                report.problems.append(Problem(path.name, "not_a_file", f"{name!r} is not a regular file", member.offset))
-                continue
-            if "/" in name or not dot or not base:
-                report.problems.append(Problem(path.name, "bad_name", f"member name {name!r} is not <key>.<extension>",
-                                               member.offset))
-                continue
-            if ext.lower() in PICKLE_EXTENSIONS or ext.lower().rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
-                report.problems.append(Problem(path.name, "pickled_payload",
-                                               f"{name!r} is a pickle; refused without decoding it", member.offset, base))
-                continue
-            if ext not in SAMPLE_EXTENSIONS:
-                report.problems.append(Problem(path.name, "unexpected_member", f"{name!r}: only .npy and .json belong "
-                                               "in a sample", member.offset, base))
-                continue
-            if base != key:
-                finish()
-                if base in seen:
-                    report.problems.append(Problem(path.name, "duplicate_key", f"key {base!r} appears again "
-                                                   "(repeated, or its files are not consecutive)", member.offset, base))
-                seen.add(base)
-                key, members = base, {}
-            if ext in members:
-                report.problems.append(Problem(path.name, "duplicate_member", f"{name!r} twice in one sample",
-                                               member.offset, base))
-                continue
-            members[ext] = (member.offset, tar.extractfile(member).read())
+            for member in iter_members(fh, path.name):
+                name = member.name
+                base, dot, ext = name.partition(".")
+                if not member.isreg():
+                    report.problems.append(Problem(path.name, "not_a_file", f"{name!r} is not a regular file",
+                                                   member.offset))
+                    continue
+                if "/" in name or not dot or not base:
+                    report.problems.append(Problem(path.name, "bad_name", f"member name {name!r} is not "
+                                                   "<key>.<extension>", member.offset))
+                    continue
+                if is_pickle_extension(ext):
+                    report.problems.append(Problem(path.name, "pickled_payload", f"{name!r} is a pickle; refused "
+                                                   "without decoding it", member.offset, base))
+                    continue
+                if ext not in SAMPLE_EXTENSIONS:
+                    report.problems.append(Problem(path.name, "unexpected_member", f"{name!r}: only .npy and .json "
+                                                   "belong in a sample", member.offset, base))
+                    continue
+                if base != key:
+                    finish()
+                    if base in seen:
+                        report.problems.append(Problem(path.name, "duplicate_key", f"key {base!r} appears again "
+                                                       "(repeated, or its files are not consecutive)", member.offset,
+                                                       base))
+                    seen.add(base)
+                    key, members = base, {}
+                if ext in members:
+                    report.problems.append(Problem(path.name, "duplicate_member", f"{name!r} twice in one sample",
+                                                   member.offset, base))
+                    continue
+                members[ext] = (member.offset, member.data)
+        except ShardReadError as exc:
+            report.problems.append(Problem(path.name, exc.code, exc.reason, exc.offset, exc.key))
         finish()
-        if end is not None:
-            fh.seek(end)
-            tail = fh.read(2 * BLOCK)
-            if len(tail) < 2 * BLOCK:
-                where = "inside a member header" if tail.strip(b"\0") else "after the last whole member"
-                report.problems.append(Problem(path.name, "truncated", f"the file ends at byte {size}, {where}, "
-                                               "without the end-of-archive blocks", end))
-            elif tail.strip(b"\0"):
-                report.problems.append(Problem(path.name, "bad_header", "an unreadable member header (bad "
-                                               "checksum or cut data) where the next member should start", end))
     if "samples" in expected and report.samples != expected["samples"]:
         report.problems.append(Problem(path.name, "count_mismatch",
                                        f"{report.samples} samples read, the index says {expected['samples']}"))

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,81 @@ def test_embed_verb_and_its_configuration_errors(tmp_path, clips, monkeypatch, c
     assert "invalid choice" in capsys.readouterr().err
     assert cli(["embed", str(clips), "--embeddings-dir", str(out), "--dtype", "float32"], monkeypatch) == 2
     assert "another encoder configuration" in capsys.readouterr().err
+
+
+@pytest.fixture
+def many_clips(tmp_path):
+    """Seven clips of 1 to 4 s (3 to 11 windows of the tiny Jukebox's 0.37 s context), with two
+    unreadable rows between them."""
+    rows = []
+    for k, seconds in enumerate([2.0, 1.2, 3.05, 1.0, 2.5, 1.5, 4.0]):
+        wav = tmp_path / "wav" / f"m{k}.wav"
+        wav.parent.mkdir(exist_ok=True)
+        write_clip(wav, seconds, 150.0 + 70 * k)
+        rows.append(ClipRecord(id=f"m-{k}", dataset="fixture", split="train", audio_path=str(wav),
+                               task_families=["understanding"], start_s=0.0, end_s=seconds,
+                               clip_path=str(wav)).model_dump(mode="json", exclude_none=True))
+    rows.insert(2, {**rows[0], "id": "gone", "clip_path": str(tmp_path / "wav" / "gone.wav")})
+    rows.insert(5, {k: v for k, v in rows[1].items() if k != "clip_path"} | {"id": "uncropped"})
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def embed_with(tmp_path, clips, name, encoder, options, batch_size, **run):
+    settings = make_settings(encoder, tmp_path / name, options=options)
+    prepare_embeddings_dir(settings)
+    summary = run_stage(embed_stage(settings, batch_size=batch_size), clips, tmp_path / name / "embeddings.jsonl",
+                        progress=False, **{"executor": InlineExecutor(), **run})
+    return settings, summary
+
+
+def assert_same_embeddings(a, b):
+    records_a, records_b = read_jsonl(a / "embeddings.jsonl"), read_jsonl(b / "embeddings.jsonl")
+    assert [r["id"] for r in records_a] == [r["id"] for r in records_b] and len(records_a) == 7
+    for ra, rb in zip(records_a, records_b):
+        path_a, path_b = Path(ra.pop("embedding_path")), Path(rb.pop("embedding_path"))
+        assert ra == rb and path_a != path_b and path_a.read_bytes() == path_b.read_bytes()
+    errors = lambda d: [(e["id"], e["code"]) for e in read_jsonl(d / "embeddings.errors.jsonl")]
+    assert errors(a) == errors(b) == [("gone", "missing_file"), ("uncropped", "no_clip")]
+
+
+def test_features_batch_4_gives_byte_identical_arrays(tmp_path, many_clips):
+    embed_with(tmp_path, many_clips, "one", "features", {}, 1)
+    _, summary = embed_with(tmp_path, many_clips, "four", "features", {}, 4, executor=LocalExecutor(2))
+    assert (summary.done, summary.failed_total) == (7, 2)
+    assert_same_embeddings(tmp_path / "one", tmp_path / "four")
+
+
+def test_jukebox_batch_4_gives_byte_identical_arrays_and_resumes_across_batch_sizes(tmp_path, many_clips, monkeypatch):
+    weights = tmp_path / "weights"
+    jb.write_random_weights(weights, jb.JUKEBOX_TINY)
+    options = {"weights_dir": str(weights), "architecture": "tiny", "layer": 3, "device": "cpu"}
+    calls = []
+    real = jb.JukeboxEncoder.encode_batch
+    monkeypatch.setattr(jb.JukeboxEncoder, "encode_batch",
+                        lambda self, clips: calls.append(len(clips)) or real(self, clips))
+    embed_with(tmp_path, many_clips, "one", "jukebox", {**options, "batch_windows": 2}, 1)
+    assert calls == [1] * 7
+    calls.clear()
+    _, summary = embed_with(tmp_path, many_clips, "four", "jukebox", {**options, "batch_windows": 8}, 4)
+    assert sorted(calls) == [1, 3, 3] and summary.done == 7  # batches of 4 rows, one unreadable in two of them
+    assert_same_embeddings(tmp_path / "one", tmp_path / "four")
+    array = np.load(tmp_path / "four" / "fixture" / "m-6.npy", allow_pickle=False)
+    assert array.shape == (40, 32) and np.abs(array).max() > 0
+
+    # A run stopped part-way with batches of 4 resumes with batches of 2 and other --batch-windows.
+    _, first = embed_with(tmp_path, many_clips, "resumed", "jukebox", {**options, "batch_windows": 8}, 4, limit=4)
+    _, rest = embed_with(tmp_path, many_clips, "resumed", "jukebox", {**options, "batch_windows": 1}, 2)
+    assert first.done + first.failed_total == 4 and rest.skipped == 3 and rest.done + first.done == 7
+    assert_same_embeddings(tmp_path / "one", tmp_path / "resumed")
+
+
+def test_embed_verb_batch_size(tmp_path, many_clips, monkeypatch, capsys):
+    out = tmp_path / "emb"
+    assert cli(["embed", str(many_clips), "--embeddings-dir", str(out), "--executor", "inline", "--no-progress",
+                "--batch-size", "4"], monkeypatch) == 0
+    embed_with(tmp_path, many_clips, "one", "features", {}, 1)
+    assert_same_embeddings(tmp_path / "one", out)
+    assert cli(["embed", str(many_clips), "--embeddings-dir", str(out), "--batch-size", "0"], monkeypatch) == 2
+    assert "--batch-size" in capsys.readouterr().err

@@ -243,3 +243,31 @@ def test_devices_of_remote_workers_are_not_checked_here(weights_dir):
     if not torch.cuda.is_available():
         with pytest.raises(StageConfigError, match="CUDA is not available"):
             jb.check_options({"weights_dir": str(weights_dir), "architecture": "tiny", "layer": 3, "device": "cuda"})
+
+
+def test_windows_of_equal_length_share_forward_passes_and_batching_changes_no_bit(encoder, monkeypatch):
+    """Clips shorter than the context have one short window, padded to the attention block (16 tokens
+    here); such windows are stacked only with windows of the same padded length."""
+    clips = [music(s, seed=k) for k, s in enumerate([0.8, 0.1, 0.25, 0.5, 0.12, 0.33])]
+    alone = [encoder.encode(clip, SR) for clip in clips]
+    shapes = []
+    real = encoder.model.window_activations
+
+    def recording(tokens, *args):
+        shapes.append(tuple(tokens.shape))
+        return real(tokens, *args)
+
+    monkeypatch.setattr(encoder.model, "window_activations", recording)
+    for batch_windows in (1, 3, 8):
+        monkeypatch.setattr(encoder, "batch_windows", batch_windows)
+        shapes.clear()
+        batched = encoder.encode_batch([(clip, SR) for clip in clips])
+        assert all(np.array_equal(a, b) for a, b in zip(alone, batched))
+        assert all(rows <= batch_windows for rows, _ in shapes)
+        # windows: 0.8 s -> 3 of 128 tokens; 0.1 s -> 34 (48); 0.25 s -> 86 (96); 0.5 s -> 2 of 128;
+        # 0.12 s -> 41 (48); 0.33 s -> 113 (128)
+        per_length = {}
+        for rows, length in shapes:
+            per_length[length] = per_length.get(length, 0) + rows
+        assert per_length == {128: 6, 96: 1, 48: 2}
+        assert len(shapes) == sum(-(-n // batch_windows) for n in per_length.values())

@@ -59,6 +59,33 @@ def test_a_dead_ray_worker_fails_only_its_item(tmp_path, local_ray, use_actors):
     assert summary.failed == {"worker_crashed": 1}
 
 
+@pytest.mark.parametrize("use_actors,ray_batch_size", [(False, 2), (True, 1)])
+def test_a_batched_stage_on_ray_runs_its_batches_and_isolates_a_crash(tmp_path, local_ray, use_actors, ray_batch_size):
+    import runner_fixtures
+    from runner_fixtures import batch_calls, batched_echo, single_calls
+
+    ray.cloudpickle.register_pickle_by_value(runner_fixtures)  # Ray's workers do not see tests/ on their path
+    rows = [{"id": f"r{i:02d}"} for i in range(10)]
+    rows[2] = {"id": "r02", "fail": "silent"}
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    executor = make_executor("ray", address="local", use_actors=use_actors, batch_size=ray_batch_size)
+    run_stage(batched_echo(3, calls, tag="r"), inp, tmp_path / "ray.jsonl", executor=executor, progress=False)
+    run_stage(ECHO, inp, tmp_path / "local.jsonl", executor=LocalExecutor(2), progress=False)
+    assert read_jsonl(tmp_path / "ray.jsonl") == read_jsonl(tmp_path / "local.jsonl")
+    assert read_jsonl(errors_path(tmp_path / "ray.jsonl")) == read_jsonl(errors_path(tmp_path / "local.jsonl"))
+    ids = [r["id"] for r in rows]
+    assert sorted(batch_calls(calls)) == [ids[i : i + 3] for i in range(0, 9, 3)]
+    assert single_calls(calls) == {"r09": 1}  # a batch of one goes through the per-item function
+
+    rows[7] = {"id": "r07", "crash": True}
+    inp = write_rows(tmp_path / "crash.jsonl", rows)
+    summary = run_stage(batched_echo(3), inp, tmp_path / "crash-out.jsonl", executor=executor, progress=False)
+    assert [r["id"] for r in read_jsonl(tmp_path / "crash-out.jsonl")] == [i for i in ids if i not in ("r02", "r07")]
+    assert summary.failed == {"silent": 1, "worker_crashed": 1}
+
+
 def test_crop_on_ray_matches_local_on_demo_data(tmp_path, local_ray):
     from llark.cli import main
 

@@ -13,6 +13,7 @@ from pipeline.records import read_jsonl
 from pipeline.runner import (
     InlineExecutor,
     LocalExecutor,
+    OutputLock,
     OutputLocked,
     Stage,
     StageConfigError,
@@ -257,3 +258,261 @@ def test_a_crash_racing_with_submission_still_fails_only_its_item(tmp_path):
         summary = run_stage(stage(), inp, out, executor=LocalExecutor(2), progress=False)
         assert summary.failed == {"worker_crashed": 1}
         assert len(read_jsonl(out)) == 39
+
+
+# --- batched stages ---------------------------------------------------------------------------
+
+
+def make_calls_dir(tmp_path, name="calls"):
+    calls = tmp_path / name
+    calls.mkdir()
+    return calls
+
+
+@pytest.mark.parametrize("executor", [InlineExecutor(), LocalExecutor(2)], ids=["inline", "local"])
+def test_a_batched_stage_writes_what_the_per_item_stage_writes(tmp_path, executor):
+    from runner_fixtures import batch_calls, batched_echo, single_calls
+
+    rows = [{"id": f"item-{i:02d}", "sleep": 0.01 * ((7 * i) % 5)} for i in range(20)]
+    rows[4] = {"id": "item-04", "fail": "silent"}
+    rows[9] = {"id": "item-09", "bug": True}
+    rows[13] = {"id": "item-13", "fanout": 2}
+    inp = write_input(tmp_path / "in.jsonl", rows)
+    calls = make_calls_dir(tmp_path)
+    summary = run_stage(batched_echo(3, calls), inp, tmp_path / "batched.jsonl", executor=executor, progress=False)
+    run_stage(stage(), inp, tmp_path / "single.jsonl", executor=InlineExecutor(), progress=False)
+    assert read_jsonl(tmp_path / "batched.jsonl") == read_jsonl(tmp_path / "single.jsonl")
+    errors = read_jsonl(errors_path(tmp_path / "batched.jsonl"))
+    assert [(e["id"], e["code"]) for e in errors] == [("item-04", "silent"), ("item-09", "exception:ValueError")]
+    assert "hit a bug" in errors[1]["traceback"]
+    assert summary.done == 18 and summary.failed == {"silent": 1, "exception:ValueError": 1}
+    # Every item went through exactly one batch call of consecutive items, and none ran alone.
+    ids = [r["id"] for r in rows]
+    batches = batch_calls(calls)
+    assert sorted(i for batch in batches for i in batch) == ids and single_calls(calls) == {}
+    assert sorted(batches) == [ids[i : i + 3] for i in range(0, 20, 3)]
+    entries = [json.loads(line) for line in ledger_path(tmp_path / "batched.jsonl").read_text().splitlines()[1:]]
+    assert len(entries) == 20 and all(e["wall_s"] >= 0 and e["cpu_s"] >= 0 for e in entries)
+
+
+@pytest.mark.parametrize("trouble", ["batch_bug", "short_batch"])
+def test_a_batch_that_fails_as_a_whole_is_rerun_item_by_item(tmp_path, trouble):
+    from runner_fixtures import batch_calls, batched_echo, single_calls
+
+    rows = [{"id": f"r{i}"} for i in range(10)]
+    rows[5] = {"id": "r5", trouble: True}
+    rows[7] = {"id": "r7", "fail": "silent"}
+    inp = write_input(tmp_path / "in.jsonl", rows)
+    calls = make_calls_dir(tmp_path)
+    summary = run_stage(batched_echo(4, calls), inp, tmp_path / "out.jsonl", executor=InlineExecutor(), progress=False)
+    assert batch_calls(calls) == [["r0", "r1", "r2", "r3"], ["r4", "r5", "r6", "r7"], ["r8", "r9"]]
+    assert single_calls(calls) == {"r4": 1, "r5": 1, "r6": 1, "r7": 1}  # only the failed batch, one at a time
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [f"r{i}" for i in range(10) if i != 7]
+    assert summary.failed == {"silent": 1}
+
+
+def test_resume_after_a_partial_batched_run_and_with_another_batch_size(tmp_path):
+    from runner_fixtures import batch_calls, batched_echo, single_calls
+
+    rows = [{"id": f"r{i:02d}"} for i in range(11)]
+    inp = write_input(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    calls = make_calls_dir(tmp_path)
+    first = run_stage(batched_echo(3, calls), inp, out, executor=InlineExecutor(), limit=5, progress=False)
+    assert first.done == 5 and batch_calls(calls) == [["r00", "r01", "r02"], ["r03", "r04"]]
+    second = run_stage(batched_echo(4, calls), inp, out, executor=LocalExecutor(2), progress=False)
+    assert (second.skipped, second.done) == (5, 6)
+    batches = batch_calls(calls)
+    assert sorted(i for batch in batches for i in batch) == [r["id"] for r in rows] and single_calls(calls) == {}
+    assert sorted(batches[2:]) == [["r05", "r06", "r07", "r08"], ["r09", "r10"]]
+    run_stage(stage(), inp, tmp_path / "single.jsonl", executor=InlineExecutor(), progress=False)
+    assert read_jsonl(out) == read_jsonl(tmp_path / "single.jsonl")
+
+
+def test_a_worker_crash_mid_batch_fails_only_its_item(tmp_path):
+    from runner_fixtures import batched_echo, single_calls
+
+    rows = [{"id": f"r{i:02d}", "sleep": 0.02} for i in range(12)]
+    rows[5] = {"id": "r05", "crash": True}  # the second item of the second batch of four
+    inp = write_input(tmp_path / "in.jsonl", rows)
+    calls = make_calls_dir(tmp_path)
+    summary = run_stage(batched_echo(4, calls), inp, tmp_path / "out.jsonl", executor=LocalExecutor(2), progress=False)
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [r["id"] for r in rows if r["id"] != "r05"]
+    errors = read_jsonl(errors_path(tmp_path / "out.jsonl"))
+    assert [(e["id"], e["code"]) for e in errors] == [("r05", "worker_crashed")]
+    assert summary.failed == {"worker_crashed": 1}
+    alone = single_calls(calls)
+    assert {"r04", "r05", "r06", "r07"} <= set(alone) and all(n == 1 for n in alone.values())
+
+
+def test_batch_size_must_be_positive():
+    from runner_fixtures import batched_echo
+
+    with pytest.raises(StageConfigError, match="--batch-size"):
+        batched_echo(0)
+    assert not stage().batched and batched_echo(2).batched and not batched_echo(1).batched
+
+
+def test_a_lock_file_appears_with_its_owner_in_it_so_a_contender_never_takes_it_over(tmp_path, monkeypatch):
+    """Two runs race for one output while writing the owner is slow: no reader ever sees the lock
+    file empty or half written (a stale lock, by its looks), and exactly one run gets the lock."""
+    import threading
+
+    import pipeline.runner
+
+    out = tmp_path / "out.jsonl"
+
+    def slow_write(path, content):
+        with open(path, "w") as fh:
+            fh.write(content[:5])
+            fh.flush()
+            time.sleep(0.3)
+            fh.write(content[5:])
+
+    monkeypatch.setattr(pipeline.runner, "_write_owner", slow_write)
+    seen, torn, results = [], [], []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                text = lock_path(out).read_text()
+            except FileNotFoundError:
+                continue
+            try:
+                seen.append(json.loads(text)["pid"])
+            except (ValueError, KeyError):
+                torn.append(text)
+
+    start = threading.Barrier(2)
+
+    def contend():
+        start.wait()
+        try:
+            with OutputLock(out, "echo"):
+                results.append("held")
+                time.sleep(0.3)
+        except OutputLocked:
+            results.append("refused")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    runs = [threading.Thread(target=contend) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert torn == [], f"a lock file was seen without its owner: {torn[:3]}"
+    assert seen and set(seen) == {os.getpid()}
+    assert sorted(results) == ["held", "refused"]
+    assert not lock_path(out).exists() and list(tmp_path.iterdir()) == [], "the lock left files behind"
+
+
+def test_the_lock_works_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.runner
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(pipeline.runner.os, "link", no_links)
+    out = tmp_path / "out.jsonl"
+    with OutputLock(out, "echo"):
+        assert json.loads(lock_path(out).read_text())["pid"] == os.getpid()
+        with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+            OutputLock(out, "echo").__enter__()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_removes_the_temporary_files_killed_runs_left_for_its_output_and_no_others(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", [{"id": "r0"}])
+    out = tmp_path / "out.jsonl"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        removed = [f".out.jsonl.tmp-{dead.pid}", f".out.errors.jsonl.tmp-{dead.pid}",
+                   f".out.jsonl.lock.0a1b2c3d.tmp-{dead.pid}"]
+        kept = [f".out.jsonl.tmp-{live.pid}",  # a live process may still be writing it
+                f".other.jsonl.tmp-{dead.pid}",  # not this output's
+                ".out.jsonl.tmp-x1", f".out.jsonl.part-{dead.pid}"]  # not a temporary file's name
+        for name in removed + kept:
+            (tmp_path / name).write_text("partial")
+        (tmp_path / f".out.jsonl.ledger.tmp-{dead.pid}").mkdir()  # a directory is never removed
+        kept.append(f".out.jsonl.ledger.tmp-{dead.pid}")
+        run_stage(stage(), inp, out, executor=InlineExecutor(), progress=False)
+        assert sorted(p.name for p in tmp_path.glob(".*")) == sorted(kept)
+        assert read_jsonl(out)[0]["id"] == "r0"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_full_disk_when_the_output_is_renamed_into_place_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import pipeline.runner
+    from pipeline.runner import RunAborted
+
+    inp = write_input(tmp_path / "in.jsonl", [{"id": f"r{i}"} for i in range(3)])
+    out = tmp_path / "out.jsonl"
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(pipeline.runner.os, "replace", full)
+    with pytest.raises(RunAborted, match=r"echo stopped: No space left on device: .*out\.jsonl\. The 3 items "
+                                         r"finished in this run are kept in .*; free space and rerun the same command"):
+        run_stage(stage(), inp, out, executor=InlineExecutor(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl.ledger"]
+
+
+def test_a_command_that_meets_a_full_disk_outside_the_runner_exits_3_with_what_to_do(monkeypatch, capsys):
+    import errno
+
+    import pipeline.ingest.run
+    from llark.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/records.jsonl")
+
+    monkeypatch.setattr(pipeline.ingest.run, "ingest_dataset", full)
+    assert main(["ingest", "demo", "--root", "/nowhere", "--out", "/data/records.jsonl"]) == 3
+    err = capsys.readouterr().err
+    assert "llark ingest: stopped: No space left on device: /data/records.jsonl; free space and rerun the same command" in err
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", "/data/records.jsonl")
+
+    monkeypatch.setattr(pipeline.ingest.run, "ingest_dataset", broken)
+    with pytest.raises(OSError, match="Input/output error"):  # not a full disk: a bug to see whole
+        main(["ingest", "demo", "--root", "/nowhere", "--out", "/data/records.jsonl"])
+
+
+def test_atomic_write_replaces_whole_or_not_at_all_and_names_the_file_of_a_full_disk(tmp_path):
+    import errno
+
+    from pipeline.runner import atomic_write
+
+    path = tmp_path / "a.npy"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError) as failed:
+        with atomic_write(path) as fh:
+            fh.write(b"half of the n")
+            raise OSError(errno.ENOSPC, "No space left on device")  # what a write() on a full disk raises
+    assert failed.value.filename == str(path) and str(path) in str(failed.value)
+    with pytest.raises(OSError) as failed:
+        with atomic_write(path) as fh:
+            raise OSError(errno.EIO, "Input/output error")  # maybe from reading another file: not named
+    assert failed.value.filename is None
+    with pytest.raises(ValueError):
+        with atomic_write(path) as fh:
+            fh.write(b"new")
+            raise ValueError("the data was wrong")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.npy"]
+    with atomic_write(path, "w", fsync=True) as fh:
+        fh.write("new")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["a.npy"]

@@ -29,7 +29,13 @@ def register(sub) -> None:
         "in practice, a GPU).\n\n"
         "Output, in --embeddings-dir: <dataset>/<clip id>.npy, embeddings.jsonl (one record per clip),\n"
         "embeddings.errors.jsonl, and encoder.json (name, layer, frame rate, dim, dtype, versions).\n"
-        "With --encoder jukebox, --workers defaults to one per GPU (each loads the model once), or 1 on CPU.",
+        "With --encoder jukebox, --workers defaults to one per GPU (each loads the model once), or 1 on CPU.\n\n"
+        "--batch-size N hands each worker N clips at a time and encodes them together. The features\n"
+        "encoder gains nothing from it (keep 1). Jukebox on a GPU wants 4-8: the clips' 8192-token\n"
+        "windows (two per 25 s clip, about 1 GB of activations each) then share forward passes of\n"
+        "--batch-windows windows. On CPU the arrays are bit-identical whatever the batch size; a\n"
+        "batch that fails as a whole (the GPU out of memory) is encoded again one clip at a time.\n"
+        "Neither option is part of the run's settings: a rerun may change them and resume.",
     )
     p.formatter_class = OptionalDefaultsFormatter
     p.add_argument("input", type=Path, help="input JSONL of clip records (clips.jsonl or augmented.jsonl)")
@@ -38,6 +44,8 @@ def register(sub) -> None:
                    help="output JSONL of embedding records (default: EMBEDDINGS_DIR/embeddings.jsonl)")
     p.add_argument("--encoder", default="features", choices=sorted(ENCODER_MODULES), help="the encoder")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="dtype of the stored arrays")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="clips per encoder call (features: 1; jukebox on a GPU: 4-8, see above)")
     g = p.add_argument_group("jukebox encoder")
     g.add_argument("--weights-dir", default=None, type=Path,
                    help=f"directory holding vqvae.pth.tar and prior_level_2.pth.tar (default: {DEFAULT_WEIGHTS_DIR})")
@@ -48,7 +56,8 @@ def register(sub) -> None:
     g.add_argument("--compute-dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="transformer precision (default: auto = float16 on CUDA, float32 on CPU)")
     g.add_argument("--batch-windows", type=int, default=None,
-                   help="8192-token windows per forward pass (default: 2; a 25 s clip is 2 windows)")
+                   help="8192-token windows per forward pass, from one clip or several (default: twice "
+                        "--batch-size: a 25 s clip is 2 windows); lower it if the GPU runs out of memory")
     g.add_argument("--context", default=None, choices=["cover", "truncate"],
                    help="cover: encode the whole clip in 8192-token windows; truncate: the first 23.8 s only "
                         "(default: cover)")
@@ -68,6 +77,10 @@ def run(args) -> int:
         given["weights_dir"] = str(given["weights_dir"])
     if not args.input.is_file():
         raise StageConfigError(f"input file {args.input} does not exist")
+    if args.batch_size < 1:
+        raise StageConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.encoder == "jukebox" and "batch_windows" not in given:
+        given["batch_windows"] = 2 * args.batch_size  # a batch of 25 s clips in one forward pass
     on_ray = args.executor == "ray"
     if on_ray and args.encoder == "jukebox" and "device" not in given:
         given["device"] = "cuda" if args.ray_num_gpus > 0 else "cpu"
@@ -84,7 +97,7 @@ def run(args) -> int:
                                        f"has {torch.cuda.device_count()}")
     prepare_embeddings_dir(settings)
     args.out = args.out or args.embeddings_dir / EMBEDDINGS_JSONL
-    return run_stage_from_args(embed_stage(settings), args)
+    return run_stage_from_args(embed_stage(settings, batch_size=args.batch_size), args)
 
 
 def _jukebox_workers(device: str) -> int:

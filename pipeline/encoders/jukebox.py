@@ -548,9 +548,16 @@ class JukeboxEncoder:
         return self.encode_batch([(audio, sr)])[0]
 
     def encode_batch(self, clips: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
-        """Each clip's VQ-VAE tokens are computed alone; the prior runs on batches of up to
-        ``batch_windows`` windows, from any clips, so batching never changes a clip's numbers
-        beyond floating-point rounding."""
+        """Encode several clips, sharing the prior's forward passes between them.
+
+        Each clip's VQ-VAE tokens are computed alone. Its context windows are then pooled with the
+        other clips' by length: windows whose length, rounded up to the attention block, is the
+        same are stacked ``batch_windows`` at a time into one forward pass on the model's device
+        and dtype (a 25 s clip is two full 8192-token windows; only a clip shorter than the
+        context has a shorter one, zero-padded to the block). A window's padding therefore never
+        depends on which clips it is batched with, and on CPU a clip's numbers are the same bits
+        whatever the batch; on a GPU, batched matrix products may round differently.
+        """
         import torch
 
         arch, hop = self.arch, self.arch.hop_length
@@ -571,24 +578,31 @@ class JukeboxEncoder:
                 sums.append(torch.zeros(frames, arch.width, dtype=torch.float32, device=self.device))
                 counts.append(torch.zeros(frames, dtype=torch.float32, device=self.device))
                 jobs += [(index, tokens, window, total) for window in windows]
-            for first in range(0, len(jobs), self.batch_windows):
-                batch = jobs[first : first + self.batch_windows]
-                length = max(w.length for _, _, w, _ in batch)
-                length = -(-length // arch.block_ctx) * arch.block_ctx
-                tokens = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
-                for row, (_, clip_tokens, w, _) in enumerate(batch):
-                    tokens[row, : w.length] = clip_tokens[w.start : w.start + w.length]
-                acts = self.model.window_activations(
-                    tokens, [w.start for _, _, w, _ in batch], [t for _, _, _, t in batch], dtype
-                )
-                for row, (index, _, w, _) in enumerate(batch):
-                    kept = acts[row, w.keep_from - w.start : w.keep_to - w.start].float()
-                    frame_index = torch.from_numpy(
-                        token_frames(np.arange(w.keep_from, w.keep_to), hop, arch.sample_rate)
-                    ).to(self.device)
-                    sums[index].index_add_(0, frame_index, kept)
-                    counts[index].index_add_(0, frame_index, torch.ones_like(frame_index, dtype=torch.float32))
+            by_length: dict[int, list] = {}
+            for job in jobs:
+                by_length.setdefault(-(-job[2].length // arch.block_ctx) * arch.block_ctx, []).append(job)
+            for length, group in sorted(by_length.items(), reverse=True):
+                for first in range(0, len(group), self.batch_windows):
+                    self._run_windows(group[first : first + self.batch_windows], length, dtype, sums, counts)
             return [(s / c[:, None]).cpu().numpy() for s, c in zip(sums, counts)]
+
+    def _run_windows(self, batch: list, length: int, dtype, sums: list, counts: list) -> None:
+        """One forward pass over windows padded to ``length``; adds each kept token's activations
+        to its clip's frame sums."""
+        import torch
+
+        arch, hop = self.arch, self.arch.hop_length
+        tokens = torch.zeros(len(batch), length, dtype=torch.long, device=self.device)
+        for row, (_, clip_tokens, w, _) in enumerate(batch):
+            tokens[row, : w.length] = clip_tokens[w.start : w.start + w.length]
+        offsets, totals = [w.start for _, _, w, _ in batch], [total for _, _, _, total in batch]
+        acts = self.model.window_activations(tokens, offsets, totals, dtype)
+        for row, (index, _, w, _) in enumerate(batch):
+            kept = acts[row, w.keep_from - w.start : w.keep_to - w.start].float()
+            frames = token_frames(np.arange(w.keep_from, w.keep_to), hop, arch.sample_rate)
+            frame_index = torch.from_numpy(frames).to(self.device)
+            sums[index].index_add_(0, frame_index, kept)
+            counts[index].index_add_(0, frame_index, torch.ones_like(frame_index, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------

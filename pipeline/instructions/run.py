@@ -38,7 +38,17 @@ from pipeline.instructions.stage import (
     write_with_templates,
 )
 from pipeline.records import TASK_FAMILIES
-from pipeline.runner import Stage, StageConfigError, make_executor, run_stage
+from pipeline.runner import (
+    OutputLock,
+    Stage,
+    StageConfigError,
+    is_disk_failure,
+    ledger_path,
+    make_executor,
+    remove_dead_temporaries,
+    run_stage,
+    stopped_by_disk,
+)
 
 log = logging.getLogger("llark")
 
@@ -201,19 +211,34 @@ def run_instructions(cfg: InstructionsConfig, environ: dict | None = None, say: 
             say(line)
         return 0
     output = Path(cfg.output)
-    write_items(rows, items_path(output))
-    if plan.backend == "template":
-        stage = Stage(name=STAGE_NAME, process=write_with_templates, settings=plan.settings)
-        executor = cfg.make_template_executor() if cfg.make_template_executor else make_executor(cfg.executor, cfg.workers)
-        summary = run_stage(stage, items_path(output), output, executor=executor, retry_failed=cfg.retry_failed,
-                            overwrite=cfg.overwrite, limit=cfg.limit, progress=cfg.progress)
-        extra: list[str] = []
-    else:
-        if cfg.executor != "local" or cfg.workers is not None:
-            log.info("--executor and --workers apply to the template writer; the API writers run up to "
-                     "--concurrency requests from this process")
-        summary, extra = _run_with_llm(plan, output)
-    for line in finalize_outputs(output).lines(rejected_path(output)) + extra:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # The items file is shared by the runs of this output: take its lock before rewriting it
+        # (run_stage then takes the output's own lock as usual).
+        lock = OutputLock(items_path(output), STAGE_NAME)
+        with lock:
+            owned = {items_path(output).name, rejected_path(output).name}
+            remove_dead_temporaries(output.parent, lambda name: name in owned or lock.owns_temporary(name))
+            write_items(rows, items_path(output))
+            if plan.backend == "template":
+                stage = Stage(name=STAGE_NAME, process=write_with_templates, settings=plan.settings)
+                executor = (cfg.make_template_executor() if cfg.make_template_executor
+                            else make_executor(cfg.executor, cfg.workers))
+                summary = run_stage(stage, items_path(output), output, executor=executor,
+                                    retry_failed=cfg.retry_failed, overwrite=cfg.overwrite, limit=cfg.limit,
+                                    progress=cfg.progress)
+                extra: list[str] = []
+            else:
+                if cfg.executor != "local" or cfg.workers is not None:
+                    log.info("--executor and --workers apply to the template writer; the API writers run up to "
+                             "--concurrency requests from this process")
+                summary, extra = _run_with_llm(plan, output)
+            lines = finalize_outputs(output).lines(rejected_path(output)) + extra
+    except OSError as exc:
+        if not is_disk_failure(exc):
+            raise
+        raise stopped_by_disk(STAGE_NAME, exc, f"The items finished so far are kept in {ledger_path(output)}") from None
+    for line in lines:
         say(line)
     return summary.failed_total
 
@@ -273,7 +298,6 @@ def _batch_phase(plan: Plan, runtime, output: Path, api_key: str, redactor):
     from openai import OpenAI
 
     from pipeline.instructions.batch import BatchReport, BatchRunner, BatchSettings
-    from pipeline.runner import OutputLock
 
     cfg = plan.config
     stem = output.name[: -len(".jsonl")] if output.name.endswith(".jsonl") else output.name
