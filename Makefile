@@ -9,10 +9,12 @@ WORKERS ?=
 DEMO_CLIPS ?= 240
 ENCODER ?= features
 EMBED_FLAGS ?=
+TRAIN_FLAGS ?=
+EVAL_FLAGS ?=
 INSTRUCTIONS_BACKEND ?= auto
 WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
 
-.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards train bench clean
+.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards train evaluate bench clean
 
 setup: $(STAMP)
 
@@ -38,7 +40,7 @@ test-slow: setup
 # The demo always writes instructions with the offline template writer, so a configured API key
 # never turns `make demo` into paid requests.
 demo: setup
-	$(MAKE) --no-print-directory demo-data ingest crop augment instructions embed shards train RUN=$(RUN) INSTRUCTIONS_BACKEND=template
+	$(MAKE) --no-print-directory demo-data ingest crop augment instructions embed shards train evaluate RUN=$(RUN) INSTRUCTIONS_BACKEND=template
 	@echo
 	@echo "Demo done. Outputs under $(RUN)/:"
 	@echo "  source dataset (synthesised, with ground truth): $(RUN)/source"
@@ -50,6 +52,7 @@ demo: setup
 	@echo "  embeddings (features encoder, 10 Hz):            $(RUN)/embeddings/"
 	@echo "  webdataset shards, index, missing parts:         $(RUN)/shards/"
 	@echo "  trained model (HF directory + projector):        $(RUN)/train/final/  metrics: $(RUN)/train/metrics.jsonl"
+	@echo "  held-out evaluation, real and shuffled audio:    $(RUN)/eval/report.md  (predictions, summary.json)"
 	@echo "  each stage's failures (if any):                  $(RUN)/*.errors.jsonl"
 
 demo-data: setup
@@ -75,7 +78,13 @@ shards: setup
 	$(LLARK) validate-shards $(RUN)/shards
 
 train: setup
-	$(LLARK) train --config launch/demo.yaml --set data.shards='["$(RUN)/shards"]' --set output_dir=$(RUN)/train
+	$(LLARK) train --config launch/demo.yaml --set data.shards='["$(RUN)/shards"]' --set output_dir=$(RUN)/train $(TRAIN_FLAGS)
+
+# The demo model on the demo data's held-out clips, and again with each clip's audio swapped for
+# another clip's: the gap between the two tables is what the model takes from the audio.
+evaluate: setup
+	$(LLARK) evaluate $(RUN)/train/final --clips $(RUN)/augmented.jsonl --embeddings $(RUN)/embeddings \
+		--split valid,test --tasks key,tempo,metre --shuffle-control --batch-size 16 --out $(RUN)/eval $(EVAL_FLAGS)
 
 bench: setup
 	$(BIN)/python benchmarks/runner.py

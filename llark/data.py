@@ -34,7 +34,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
+from llark.model.llark import pool_frames
 
 log = logging.getLogger("llark")
 
@@ -94,16 +97,53 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
 def decode_audio(sample: ShardSample, dim: int) -> np.ndarray:
     """The embedding as ``[frames, dim]``; a pickled, misshapen or non-finite array is a BadSample."""
     try:
-        array = np.load(io.BytesIO(sample.npy), allow_pickle=False)
+        array = load_npy(sample.npy)
     except ValueError as exc:
         raise BadSample(f"sample {sample.key}: unreadable .npy ({exc})") from None
     if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
         raise BadSample(f"sample {sample.key}: embedding {array.dtype} {array.shape}, expected [frames, {dim}] float")
     if sample.frames is not None and array.shape[0] != sample.frames:
         raise BadSample(f"sample {sample.key}: {array.shape[0]} frames, its json says {sample.frames}")
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise BadSample(f"sample {sample.key}: NaN or infinite values in the embedding")
     return array
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load(io.BytesIO(data), allow_pickle=False)``, parsing each distinct header once (a shard
+    set's embeddings share a few shapes, and parsing the header costs more than copying the data)."""
+    from numpy.lib import format as npy
+
+    f = io.BytesIO(data)
+    version = npy.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    size = 2 if version == (1, 0) else 4
+    offset = 8 + size + int.from_bytes(data[8:8 + size], "little")
+    header = data[:offset]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        parsed = read(f)
+        if parsed[2].hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        if len(_NPY_HEADERS) >= 1024:
+            _NPY_HEADERS.clear()
+        _NPY_HEADERS[header] = parsed
+    shape, fortran, dtype = parsed
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).copy()
+    return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    if array.dtype == np.float16:
+        # Without native float16 arithmetic np.isfinite converts every value; inf and NaN are exactly
+        # the float16 values whose five exponent bits are all set.
+        return not np.any((array.view(np.uint16) & 0x7C00) == 0x7C00)
+    return bool(np.isfinite(array).all())
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
@@ -193,14 +233,15 @@ class ExampleEncoder:
     """A sample (and optionally one of its pairs) → ``input_ids``, ``labels`` and ``audio``."""
 
     def __init__(self, formatter: ChatFormatter, encoder_dim: int, max_seq_len: int,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, frame_pool: int = 1):
         self.formatter = formatter
         self.encoder_dim = encoder_dim
         self.max_seq_len = max_seq_len
         self.system_prompt = system_prompt
+        self.frame_pool = frame_pool
 
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
-        audio = decode_audio(sample, self.encoder_dim)
+        audio = pool_frames(decode_audio(sample, self.encoder_dim), self.frame_pool)
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
         while True:
             messages = build_messages(pairs, self.system_prompt, self.formatter.audio_token)
@@ -221,27 +262,28 @@ def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
     """Right-padded tensors; padding is marked by lengths (attention mask 0, label IGNORE_INDEX), never
     by comparing ids with the pad id (which may equal EOS)."""
     n = len(examples)
-    length = max(len(e["input_ids"]) for e in examples)
-    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    lengths = [len(e["input_ids"]) for e in examples]
+    length = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     frames = max(1, max(e["audio"].shape[0] for e in examples))
     dim = examples[0]["audio"].shape[1]
-    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
-    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((n, length), dtype=torch.long)
-    audio = torch.zeros((n, frames, dim), dtype=torch.from_numpy(examples[0]["audio"][:0]).dtype)
-    audio_frames = torch.zeros(n, dtype=torch.long)
-    for i, e in enumerate(examples):
-        t = len(e["input_ids"])
-        input_ids[i, :t] = torch.tensor(e["input_ids"])
-        labels[i, :t] = torch.tensor(e["labels"])
+    # Filled as numpy arrays (a list converts to numpy far faster than to a tensor), shared with torch.
+    input_ids = np.full((n, length), pad_id, dtype=np.int64)
+    labels = np.full((n, length), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((n, length), dtype=np.int64)
+    audio = np.zeros((n, frames, dim), dtype=examples[0]["audio"].dtype)
+    audio_frames = np.zeros(n, dtype=np.int64)
+    for i, (e, t) in enumerate(zip(examples, lengths)):
+        input_ids[i, :t] = e["input_ids"]
+        labels[i, :t] = e["labels"]
         attention_mask[i, :t] = 1
         f = e["audio"].shape[0]
-        audio[i, :f] = torch.from_numpy(e["audio"]).to(audio.dtype)
+        audio[i, :f] = e["audio"]
         audio_frames[i] = f
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "audio": audio,
-        "audio_frames": audio_frames, "keys": [e["key"] for e in examples],
-        "tokens": int(attention_mask.sum()), "supervised": int((labels != IGNORE_INDEX).sum()),
+        "input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask),
+        "labels": torch.from_numpy(labels), "audio": torch.from_numpy(audio),
+        "audio_frames": torch.from_numpy(audio_frames), "keys": [e["key"] for e in examples],
+        "tokens": sum(lengths), "supervised": int(np.count_nonzero(labels != IGNORE_INDEX)),
     }
 
 
@@ -267,6 +309,16 @@ def worker_shards(n_shards: int, epoch: int, seed: int, global_worker: int, glob
     return [int(i) for i in order[global_worker::global_workers]]
 
 
+def compile_question_filter(pattern: str | None) -> re.Pattern | None:
+    """``data.questions`` as a case-insensitive regular expression (None: every pair)."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise DataConfigError(f"data.questions: {pattern!r} is not a regular expression ({exc})") from None
+
+
 @dataclass
 class StreamSettings:
     micro_batch: int
@@ -280,6 +332,7 @@ class StreamSettings:
     conversation: str = "pair"
     on_bad_sample: str = "error"  # or "skip": counted and logged
     pad_to_multiple_of: int = 1
+    questions: str | None = None  # a regular expression: only Q/A pairs whose question matches
     epochs: int | None = None  # None: endless
     start: dict[int, dict[str, int]] = field(default_factory=dict)  # logical worker → Position dict
     rotation: int = 0  # logical worker of the DataLoader's first worker
@@ -303,6 +356,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "least one shard. Use fewer data.num_workers, or write smaller shards (llark shards --shard-samples)"
             )
         self.urls, self.encode, self.s = list(urls), encode, s
+        self.questions = compile_question_filter(s.questions)
 
     def _units(self, epoch: int, group: int, shard_ids: list[int], worker: int) -> Iterator[tuple[ShardSample, int | None]]:
         """One group's examples, in its shuffled order (a pure function of its arguments and the seed)."""
@@ -329,6 +383,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     raise
                 log.warning("skipping a bad sample (data.on_bad_sample=skip): %s", exc)
                 continue
+            if self.questions is not None:
+                sample.pairs = [p for p in sample.pairs if self.questions.search(p[0])]
+                if not sample.pairs:
+                    continue
             if self.s.conversation == "pair":
                 buffer.extend((sample, k) for k in range(len(sample.pairs)))
             else:

@@ -107,6 +107,8 @@ class Llark:
     def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],
                settings: GenerationSettings = GenerationSettings()) -> list[str]:
         """One answer per (question, audio frames ``[frames, dim]``), generated as one batch."""
+        from llark.model.llark import pool_frames
+
         if len(questions) != len(audios):
             raise InferenceError(f"{len(questions)} questions but {len(audios)} audio arrays")
         if not questions:
@@ -114,6 +116,8 @@ class Llark:
         for a in audios:
             if a.ndim != 2 or a.shape[1] != self.encoder_dim or a.shape[0] < 1:
                 raise InferenceError(f"audio frames of shape {a.shape}; this model takes [frames, {self.encoder_dim}]")
+        # Rounded through the training storage dtype, then pooled, as the training loader does.
+        audios = [pool_frames(np.asarray(a).astype(self.storage_dtype), self.config.frame_pool) for a in audios]
         prompts = [self.prompt_ids(q, a.shape[0]) for q, a in zip(questions, audios)]
         length = max(len(p) for p in prompts)
         frames = max(a.shape[0] for a in audios)
@@ -124,8 +128,7 @@ class Llark:
         for i, (p, a) in enumerate(zip(prompts, audios)):
             input_ids[i, length - len(p):] = torch.tensor(p)
             attention_mask[i, length - len(p):] = 1
-            rounded = np.asarray(a).astype(self.storage_dtype).astype(np.float32)
-            audio[i, : a.shape[0]] = torch.from_numpy(rounded)
+            audio[i, : a.shape[0]] = torch.from_numpy(a.astype(np.float32))
         audio_frames = torch.tensor([a.shape[0] for a in audios], dtype=torch.long)
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -38,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 log = logging.getLogger("llark")
 
@@ -82,6 +83,8 @@ class ModelSection(_Section):
     gradient_checkpointing: bool = True
     system_prompt: str | None = None
     end_of_turn: str | None = None
+    frame_pool: int | None = Field(None, ge=1, description="encoder frames averaged into one audio token; "
+                                   "None: 1 for a new model, model.init_from's otherwise")
 
 
 class DataSection(_Section):
@@ -95,10 +98,24 @@ class DataSection(_Section):
     group_shards: int = Field(4, ge=1)
     on_bad_sample: Literal["error", "skip"] = "error"
     pad_to_multiple_of: int = Field(8, ge=1)
+    questions: str | None = Field(None, description="a regular expression: train only on Q/A pairs whose "
+                                  "question matches it (case-insensitive); None: all pairs")
+
+    @field_validator("questions")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from None
+        return value
 
 
 class OptimSection(_Section):
     lr: float = Field(5e-5, gt=0)
+    projector_lr: float | None = Field(None, gt=0, description="the projector's peak LR (a new projector "
+                                       "starts from random weights); None: optim.lr")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -322,6 +339,9 @@ class TrainRecipe:
         self.shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.task_families)
         if cfg.model.init_from:
             trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
+            if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
+                raise TrainConfigError(f"model.frame_pool ({cfg.model.frame_pool}) differs from model.init_from's "
+                                       f"({trained.frame_pool}); leave it unset to continue with the trained one")
             if cfg.model.encoder_dim and cfg.model.encoder_dim != trained.encoder_dim:
                 raise TrainConfigError(f"model.encoder_dim ({cfg.model.encoder_dim}) differs from the projector of "
                                        f"model.init_from ({trained.encoder_dim})")
@@ -361,7 +381,8 @@ class TrainRecipe:
         else:
             check_encoder(manifest, encoder_dim)
             llark_cfg = LlarkConfig(lm_path=cfg.model.lm_path, encoder_dim=encoder_dim,
-                                    system_prompt=cfg.model.system_prompt, end_of_turn=cfg.model.end_of_turn)
+                                    system_prompt=cfg.model.system_prompt, end_of_turn=cfg.model.end_of_turn,
+                                    frame_pool=cfg.model.frame_pool or 1)
             model, tokenizer = build_llark(llark_cfg, quantization=cfg.model.quantization, **model_kwargs)
         model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
         configure_training(model, cfg.model.mode, LoraSettings(**cfg.model.lora.model_dump()),
@@ -373,7 +394,9 @@ class TrainRecipe:
 
         # 4. Engine: optimizer over the trainable parameters only, our warmup + cosine schedule.
         o = cfg.optim
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        projector = [p for p in model.projector.parameters() if p.requires_grad]
+        lm = [p for p in model.lm.parameters() if p.requires_grad]
+        trainable = [{"params": projector, "lr": o.projector_lr or o.lr}] + ([{"params": lm, "lr": o.lr}] if lm else [])
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
             opt, lambda s: lr_multiplier(s, o.warmup_steps, o.max_steps, o.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -388,13 +411,14 @@ class TrainRecipe:
         # 6. Data: this rank's share of the shards, from the resumed position.
         d = cfg.data
         stream = ShardStream(self.shards.urls, ExampleEncoder(self.formatter, model.projector.in_features,
-                                                              d.max_seq_len, model.config.system_prompt),
+                                                              d.max_seq_len, model.config.system_prompt,
+                                                              model.config.frame_pool),
                              StreamSettings(
                                  micro_batch=cfg.micro_batch, pad_id=tokenizer.pad_token_id, seed=cfg.seed,
                                  rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
                                  group_shards=d.group_shards, buffer_size=d.shuffle_buffer,
                                  conversation=d.conversation, on_bad_sample=d.on_bad_sample,
-                                 pad_to_multiple_of=d.pad_to_multiple_of,
+                                 pad_to_multiple_of=d.pad_to_multiple_of, questions=d.questions,
                                  start=positions.positions if positions else {},
                                  rotation=positions.rotation if positions else 0))
         self.loader_state = positions or LoaderState(d.num_workers)
@@ -419,7 +443,9 @@ class TrainRecipe:
             self._print(
                 f"train: {self.world_size} processes, global batch {cfg.global_batch} = micro-batch "
                 f"{cfg.micro_batch} x grad-accum {self.grad_accum} x world size {self.world_size}; "
-                f"ZeRO-{self.zero_stage}, {cfg.model.dtype}, mode {cfg.model.mode}\n"
+                f"ZeRO-{self.zero_stage}, {cfg.model.dtype}, mode {cfg.model.mode}; peak LR {cfg.optim.lr:g}"
+                f" (projector {cfg.optim.projector_lr or cfg.optim.lr:g}); {model.config.frame_pool} encoder "
+                f"frame(s) per audio token\n"
                 f"train: trainable parameters: projector {counts['projector']:,}, LM {counts['lm']:,}; "
                 f"data: {self.shards.samples:,} samples in {len(self.shards.urls)} shards "
                 f"({manifest['name']}, dim {manifest['dim']}, {manifest['frame_rate_hz']} Hz); "
@@ -436,42 +462,56 @@ class TrainRecipe:
     def train(self) -> None:
         cfg, engine = self.cfg, self.engine
         batches = iter(self.loader)
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
+        window = _new_window()
         t_last = time.perf_counter()
         engine.train()
         while self.step < cfg.optim.max_steps:
-            step_loss = torch.zeros((), device=engine.device)
-            for _ in range(self.grad_accum):
-                batch = next(batches)
+            micro_batches = [next(batches) for _ in range(self.grad_accum)]
+            # The loss of a step is the mean over every supervised token of the global batch (all
+            # micro-batches on all ranks): each token weighs the same, whichever micro-batch holds it.
+            n_tokens = self._all_ranks_sum(sum(b["supervised"] for b in micro_batches))
+            step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for batch in micro_batches:
                 self.loader_state.update(batch)
                 inputs = {k: batch[k].to(engine.device, non_blocking=True)
                           for k in ("input_ids", "attention_mask", "audio", "audio_frames", "labels")}
-                _, loss = engine(**inputs)
-                engine.backward(loss)
+                _, loss = engine(**inputs, loss_denominator=n_tokens)
+                # The data-parallel reduction averages gradients over ranks; scaling by the world size
+                # (and not letting DeepSpeed divide by the accumulation steps) makes the step's gradient
+                # that of the summed token losses over n_tokens.
+                engine.backward(loss * self.world_size, scale_wrt_gas=False)
                 engine.step()
-                step_loss += loss.detach().float() / self.grad_accum
+                step_loss += loss.detach()
                 window["tokens"] += batch["tokens"]
                 window["samples"] += len(batch["keys"])
                 window["skipped"] += batch["skipped"]
             self.step += 1
-            window["loss"] += step_loss
+            window["loss"] += step_loss  # this rank's share of the step's mean; _log sums over ranks
             window["steps"] += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
                 self._log(window, time.perf_counter() - t_last)
-                window = {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
+                window = _new_window()
                 t_last = time.perf_counter()
             if self.step % cfg.save_every == 0 or self.step == cfg.optim.max_steps:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
 
+    def _all_ranks_sum(self, count: int) -> int:
+        import torch.distributed as dist
+
+        total = torch.tensor([count], dtype=torch.int64, device=self.engine.device)
+        dist.all_reduce(total)
+        return max(1, int(total.item()))
+
     def _log(self, window: dict[str, Any], seconds: float) -> None:
         import torch.distributed as dist
 
-        # One all-reduce: mean loss and summed tokens/samples over ranks.
+        # One all-reduce: the per-token mean loss (each rank holds its share of it) and summed
+        # tokens/samples over ranks.
         totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
                                window["skipped"]], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
-        loss = totals[0].item() / self.world_size
+        loss = totals[0].item()
         metrics = {
             "step": self.step, "loss": loss,
             "lr": self.cfg.optim.lr * lr_multiplier(self.step - 1, self.cfg.optim.warmup_steps,
@@ -608,6 +648,10 @@ class TrainRecipe:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _new_window() -> dict[str, Any]:
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
 
 
 def _float(x) -> float | None:

@@ -188,3 +188,148 @@ def test_pickled_embedding_is_refused(tokenizer, tmp_path):
             tar.addfile(m, io.BytesIO(data))
     with pytest.raises(BadSample, match="unreadable .npy"):
         list(make_stream(tokenizer, tmp_path, epochs=1).worker_stream(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths (cached renderings and .npy headers, numpy collation) against a plain reference
+
+
+def reference_example(tokenizer, sample, pair, max_seq_len, system_prompt=None, frame_pool=1):
+    """The straightforward path: np.load, the template rendered anew for every string, one
+    tokenization with offsets, labels inside the assistant spans, the placeholder repeated."""
+    from llark.data import pool_frames
+    from llark.model import build_messages
+
+    audio = pool_frames(np.load(io.BytesIO(sample.npy), allow_pickle=False), frame_pool)
+    audio_id, eos = tokenizer.convert_tokens_to_ids("<|audio|>"), tokenizer.eos_token
+    pairs = sample.pairs if pair is None else [sample.pairs[pair]]
+    while True:
+        messages = build_messages(pairs, system_prompt)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+                spans.append((start, text.index(eos, text.index(m["content"], start) + len(m["content"])) + len(eos)))
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = [], []
+        for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            n = len(audio) if token == audio_id else 1
+            ids += [token] * n
+            inside = b > a and any(s <= a and b <= e for s, e in spans)
+            labels += [token if inside else IGNORE_INDEX] * n
+        if len(ids) <= max_seq_len or len(pairs) == 1:
+            return {"key": sample.key, "input_ids": ids, "labels": labels, "audio": audio}
+        pairs = pairs[:-1]
+
+
+def reference_collate(examples, pad_id, pad_to_multiple_of):
+    import torch
+
+    length = max(len(e["input_ids"]) for e in examples)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    frames, dim = max(1, max(len(e["audio"]) for e in examples)), examples[0]["audio"].shape[1]
+    out = {"input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+           "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+           "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+           "audio": torch.zeros((len(examples), frames, dim), dtype=torch.from_numpy(examples[0]["audio"]).dtype),
+           "audio_frames": torch.tensor([len(e["audio"]) for e in examples], dtype=torch.long)}
+    for i, e in enumerate(examples):
+        t = len(e["input_ids"])
+        out["input_ids"][i, :t] = torch.tensor(e["input_ids"])
+        out["labels"][i, :t] = torch.tensor(e["labels"])
+        out["attention_mask"][i, :t] = 1
+        out["audio"][i, :len(e["audio"])] = torch.from_numpy(e["audio"])
+    out.update(keys=[e["key"] for e in examples], tokens=int(out["attention_mask"].sum()),
+               supervised=int((out["labels"] != IGNORE_INDEX).sum()))
+    return out
+
+
+def assert_identical(batch, expected):
+    for name, tensor in expected.items():
+        if hasattr(tensor, "dtype"):
+            got = batch[name]
+            assert (got.dtype, got.shape) == (tensor.dtype, tensor.shape), name
+            assert got.contiguous().numpy().tobytes() == tensor.numpy().tobytes(), name
+        else:
+            assert batch[name] == tensor, name
+
+
+@pytest.fixture(scope="module", params=["llama2", "smollm2"])
+def any_tokenizer(request, tokenizer):
+    if request.param == "llama2":
+        return tokenizer
+    pytest.importorskip("gguf")
+    from llark.model.smollm2 import gguf_path, smollm2_tokenizer_dir
+
+    try:
+        gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_tokenizer(smollm2_tokenizer_dir())
+
+
+@pytest.mark.parametrize("conversation,system_prompt,frame_pool,max_seq_len", [
+    ("pair", None, 1, 512), ("pair", "You are a music assistant.", 2, 512), ("multi_turn", None, 1, 512),
+    ("multi_turn", "You are a music assistant.", 3, 70),  # trailing rounds dropped to fit
+])
+def test_batches_are_byte_identical_to_the_plain_reference(any_tokenizer, tmp_path, conversation, system_prompt,
+                                                          frame_pool, max_seq_len):
+    tok = any_tokenizer
+    write_shards(tmp_path / "f16", n_samples=24, n_shards=2, dim=DIM, pairs=(1, 3), seed=3)
+    write_shards(tmp_path / "f32", n_samples=12, n_shards=2, dim=DIM, pairs=(1, 3), seed=4, dtype="float32")
+    for shard_dir in (tmp_path / "f16", tmp_path / "f32"):
+        encoder = ExampleEncoder(ChatFormatter(tok), DIM, max_seq_len, system_prompt, frame_pool)
+        units = []
+
+        def encode(sample, pair):
+            units.append((sample, pair))
+            return encoder(sample, pair)
+
+        settings = StreamSettings(micro_batch=3, pad_id=tok.pad_token_id, buffer_size=8, group_shards=2,
+                                  conversation=conversation, pad_to_multiple_of=8, epochs=2)
+        batches = list(ShardStream(open_shards([str(shard_dir)]).urls, encode, settings).worker_stream(0))
+        assert sum(len(b["keys"]) for b in batches) == len(units) > 20  # two epochs: the second from warm caches
+        if conversation == "multi_turn" and max_seq_len < 512:
+            assert any(len(s.pairs) > 1 and (b["labels"][r] == tok.eos_token_id).sum() < len(s.pairs)
+                       for b, chunk in zip(batches, (units[i:i + 3] for i in range(0, len(units), 3)))
+                       for r, (s, _) in enumerate(chunk))
+        for i, batch in enumerate(batches):
+            chunk = units[3 * i: 3 * i + 3]
+            expected = reference_collate([reference_example(tok, s, p, max_seq_len, system_prompt, frame_pool)
+                                          for s, p in chunk], tok.pad_token_id, 8)
+            assert_identical(batch, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", ">f4", "int16"])
+@pytest.mark.parametrize("fortran", [False, True])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_npy_reader_matches_np_load(dtype, fortran, version):
+    from numpy.lib import format as npy
+
+    from llark.data import load_npy
+
+    array = np.arange(6 * 5, dtype=dtype).reshape(6, 5)
+    array = np.asfortranarray(array) if fortran else array
+    buf = io.BytesIO()
+    npy.write_array(buf, array, version=version)
+    for _ in range(2):  # the second read takes the parsed header from the cache
+        got = load_npy(buf.getvalue())
+        assert got.dtype == array.dtype and got.shape == array.shape and got.flags.writeable
+        np.testing.assert_array_equal(got, np.load(io.BytesIO(buf.getvalue()), allow_pickle=False))
+    with pytest.raises(ValueError):
+        load_npy(buf.getvalue()[:-4])
+    with pytest.raises(ValueError):
+        load_npy(b"not an npy file at all")
+
+
+def test_finite_check_matches_isfinite():
+    from llark.data import all_finite
+
+    specials = [0.0, -0.0, 1.0, 6e-8, 65504.0, -65504.0, np.inf, -np.inf, np.nan]
+    for dtype in (np.float16, np.float32):
+        for value in specials:
+            array = np.ones((4, 3), dtype=dtype)
+            array[2, 1] = value
+            assert all_finite(array) == bool(np.isfinite(array).all()), (dtype, value)
+            assert all_finite(np.asfortranarray(array)) == bool(np.isfinite(array).all())

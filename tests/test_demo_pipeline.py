@@ -1,5 +1,6 @@
 """The demo pipeline through the command line: demo-data → ingest → crop (fast); `make demo` whole (slow)."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -49,3 +50,12 @@ def test_make_demo_end_to_end(tmp_path):
     assert len(augmented) == 240 and all("key_madmom" in r.features for r in augmented)
     assert len(read_jsonl(run / "instructions.jsonl")) == 480
     assert "validate-shards" in proc.stdout and "no problems" in proc.stdout
+    # It ends by evaluating the trained model on the held-out clips, with the shuffled-audio control.
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert set(summary["conditions"]) == {"real", "shuffled"}
+    held_out = [c for c in clips if c.split in ("valid", "test")]
+    for task in ("key", "tempo", "metre"):
+        assert "| " + task + " |" in proc.stdout
+    assert (run / "eval" / "report.md").is_file()
+    predictions = read_jsonl(run / "eval" / "predictions.jsonl")
+    assert {p["clip_id"] for p in predictions} == {c.id for c in held_out}

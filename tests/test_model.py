@@ -276,6 +276,41 @@ def test_loss_is_on_assistant_tokens_only(lm_dir):
     assert model.projector.weight.grad.abs().sum() > 0
 
 
+def test_micro_batch_losses_over_the_step_token_count_add_up_to_the_per_token_mean(lm_dir):
+    import numpy as np
+
+    model, tok = tiny_model(lm_dir)
+    fmt = ChatFormatter(tok)
+    rng = np.random.default_rng(0)
+
+    def example(key, answer, n):
+        enc = fmt.encode(build_messages([("What is the key of this song?", answer)]), n)
+        return {"key": key, "input_ids": enc.input_ids, "labels": enc.labels,
+                "audio": rng.standard_normal((n, 16)).astype("float32")}
+
+    short = [example("a", "Yes.", 3), example("b", "No.", 4)]
+    long = [example("c", " ".join(a for _, a in PAIRS) * 3, 5), example("d", " ".join(q for q, _ in PAIRS) * 2, 2)]
+    micro = [collate(short, tok.pad_token_id), collate(long, tok.pad_token_id)]
+    assert micro[1]["supervised"] > 8 * micro[0]["supervised"]
+    n_tokens = sum(b["supervised"] for b in micro)
+
+    def grads(losses):
+        model.zero_grad()
+        sum(losses).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def run(b, **kwargs):
+        return model(b["input_ids"], b["attention_mask"], b["audio"], b["audio_frames"], b["labels"], **kwargs)[1]
+
+    big = collate(short + long, tok.pad_token_id)
+    expected = grads([run(big)])
+    summed = grads([run(b, loss_denominator=n_tokens) for b in micro])
+    torch.testing.assert_close(summed, expected, rtol=1e-4, atol=1e-7)
+    equal_weights = grads([run(b) / len(micro) for b in micro])
+    assert (equal_weights - expected).norm() > 0.1 * expected.norm()
+    torch.testing.assert_close(sum(run(b, loss_denominator=n_tokens) for b in micro), run(big))
+
+
 def test_padding_does_not_change_a_rows_loss(lm_dir):
     model, tok = tiny_model(lm_dir)
     model.eval()

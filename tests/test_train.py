@@ -1,11 +1,13 @@
 """The training recipe: config validation (fast), and DeepSpeed runs on CPU (slow): loss falls,
-exact resume after a kill, two processes with ZeRO-2, the projector-only and LoRA modes, export."""
+exact resume after a kill, two processes with ZeRO-2, the projector-only and LoRA modes, export, and
+an optimizer step whose gradient is that of the per-token mean loss of the global batch."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,20 +147,85 @@ def train_args(out: Path, shards: Path, **overrides) -> list[str]:
     return args
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_processes(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """Run ``command`` in its own process group and require exit status 0. On timeout the whole group
+    is killed, so that a hung rank fails the test instead of outliving it."""
+    proc = subprocess.Popen(command, env=train_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"no result after {timeout} s (a hung rank?)\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def launcher(nproc: int, *target: str) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, *target]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *target]
+
+
 def run_train(out: Path, shards: Path, nproc: int = 1, timeout: int = 300, **overrides) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "llark.train"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                    "--master_port", str(29500 + os.getpid() % 1000), "-m", "llark.train"]
-    proc = subprocess.run(launcher + train_args(out, shards, **overrides), env=train_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_processes(launcher(nproc, "-m", "llark.train") + train_args(out, shards, **overrides), timeout)
+
+
+def run_worker(scenario: str, out: Path, shards: Path, nproc: int, timeout: int = 300,
+               **overrides) -> subprocess.CompletedProcess:
+    """tests/train_worker.py: the recipe's setup and loop on batches chosen per rank."""
+    settings = {"model.lm_path": str(tiny_lm_dir()), "data.shards": [str(shards)], "model.dtype": "float32",
+                "model.attn_implementation": "eager", "model.gradient_checkpointing": False,
+                "optim.warmup_steps": 0, "output_dir": str(out), "data.num_workers": 0, "tensorboard": False,
+                "log_every": 1, **overrides}
+    out.mkdir(parents=True, exist_ok=True)
+    return run_processes(launcher(nproc, str(REPO / "tests" / "train_worker.py"), scenario, json.dumps(settings),
+                                  str(out)), timeout)
 
 
 def losses(out: Path) -> dict[int, float]:
     """Step → loss; a step logged twice (replayed after a resume) keeps its last value."""
     return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def zero3_json(directory: Path) -> Path:
+    """launch/zero3.json with every parameter partitioned across ranks: the tiny model's parameters are
+    all below stage3_param_persistence_threshold, which would otherwise keep them whole on every rank."""
+    ds = json.loads((REPO / "launch" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = directory / "zero3_partitioned.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc,zero", [(1, 2), (2, 2), (2, 3)])
+def test_step_gradient_is_the_per_token_mean_of_the_global_batch(tmp_path, shards, nproc, zero):
+    import torch
+
+    ds = str(REPO / "launch" / "zero2.json") if zero == 2 else str(zero3_json(tmp_path))
+    run_worker("token_mean", tmp_path / "run", shards, nproc, deepspeed=ds, micro_batch=2, grad_accum=2,
+               global_batch=2 * 2 * nproc, **{"optim.max_steps": 1})
+    saved = torch.load(tmp_path / "run" / "gradients.pt")
+    counts = saved["supervised"]
+    assert len(counts) == 2 * nproc and max(counts) > 5 * min(counts), counts
+    captured, reference = saved["captured"], saved["reference"]
+    assert set(captured) == set(reference["token_mean"]) and "projector.weight" in captured
+    for name, grad in reference["token_mean"].items():
+        torch.testing.assert_close(captured[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # Weighting micro-batches equally would give another gradient: the check tells the two apart.
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    difference = (flat(reference["micro_batch_mean"]) - flat(reference["token_mean"])).norm()
+    assert difference > 0.1 * flat(reference["token_mean"]).norm()
+    assert losses(tmp_path / "run")[1] == pytest.approx(reference["token_mean_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 AUDIO_TOKEN = "<|audio|>"
 IGNORE_INDEX = -100
+RENDER_CACHE_SIZE = 4096  # renderings a formatter keeps (oldest dropped first)
 
 
 class ChatFormatError(ValueError):
@@ -99,11 +100,27 @@ class ChatFormatter:
         self.bos_id = tokenizer.bos_token_id
         # Strings that must not appear in message text: they would tokenize as control tokens.
         self._reserved = sorted({t for t in tokenizer.all_special_tokens if t} - {audio_token}, key=len, reverse=True)
+        self._rendered: dict[tuple, str] = {}
+        self._rendered_with: str | None = tokenizer.chat_template
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The template's text for ``messages``. Renderings are kept, a bounded number: a dataset's
+        questions repeat, and every example also renders its prompt (a prefix of the conversation)."""
+        if self.tokenizer.chat_template is not self._rendered_with:
+            self._rendered, self._rendered_with = {}, self.tokenizer.chat_template
+        try:
+            key = (add_generation_prompt, *(tuple(m.items()) for m in messages))
+            text = self._rendered.get(key)
+        except TypeError:  # unhashable content (e.g. a list of parts): rendered every time
+            key, text = None, None
+        if text is None:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+            if key is not None:
+                if len(self._rendered) >= RENDER_CACHE_SIZE:
+                    del self._rendered[next(iter(self._rendered))]
+                self._rendered[key] = text
+        return text
 
     def _check_text(self, messages: list[dict[str, Any]]) -> None:
         for i, m in enumerate(messages):

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +52,7 @@ class LlarkConfig:
     end_of_turn: str | None = None  # the token closing an assistant turn; None: the tokenizer's EOS
     system_prompt: str | None = None
     encoder: dict[str, Any] | None = None  # the encoder.json identity the projector was trained on
+    frame_pool: int = 1  # encoder frames averaged into one audio token (see pool_frames)
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -66,6 +68,25 @@ class LlarkConfig:
         if unknown:
             raise ModelConfigError(f"{path}: unknown fields {unknown}")
         return cls(**data)
+
+
+def pool_frames(frames: np.ndarray, pool: int) -> np.ndarray:
+    """``[frames, dim]`` averaged over consecutive groups of ``pool`` frames (the last group may be
+    shorter): ``ceil(frames / pool)`` audio tokens. ``pool`` 1 returns the frames unchanged.
+
+    The paper feeds Jukebox frames at 10 Hz (250 tokens for 25 s); a small CPU model learns from far
+    fewer audio tokens per example, and every token of the sequence costs compute.
+    """
+    if pool < 1:
+        raise ModelConfigError(f"frame_pool must be >= 1, got {pool}")
+    if pool == 1:
+        return frames
+    n, dim = frames.shape
+    full = n // pool * pool
+    pooled = frames[:full].astype(np.float32).reshape(-1, pool, dim).mean(axis=1)
+    if full < n:
+        pooled = np.concatenate([pooled, frames[full:].astype(np.float32).mean(axis=0, keepdims=True)])
+    return pooled.astype(frames.dtype)
 
 
 class LlarkModel(nn.Module):
@@ -91,13 +112,19 @@ class LlarkModel(nn.Module):
             raise ValueError(f"audio placeholders per row {counts.tolist()} != audio frames {audio_frames.tolist()}")
         return embeds.masked_scatter(placeholders.unsqueeze(-1), projected[frames].to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, audio, audio_frames, labels=None):
-        """Returns ``(logits, loss)``; the loss (mean over supervised tokens) is None without labels."""
-        out = self.lm(
-            inputs_embeds=self.embed(input_ids, audio, audio_frames), attention_mask=attention_mask,
-            labels=labels, use_cache=False,
-        )
-        return out.logits, out.loss
+    def forward(self, input_ids, attention_mask, audio, audio_frames, labels=None, loss_denominator=None):
+        """Returns ``(logits, loss)``; the loss is None without labels.
+
+        The loss is the next-token cross entropy summed over the supervised labels and divided by
+        ``loss_denominator`` (None: their count, i.e. the mean over this batch's supervised tokens).
+        Training passes the supervised-token count of the whole optimizer step, so that micro-batches
+        add up to the per-token mean of the global batch.
+        """
+        out = self.lm(inputs_embeds=self.embed(input_ids, audio, audio_frames), attention_mask=attention_mask,
+                      use_cache=False)
+        if labels is None:
+            return out.logits, None
+        return out.logits, token_loss(out.logits, labels, loss_denominator)
 
     @torch.no_grad()
     def generate(self, input_ids, audio, audio_frames, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -113,9 +140,15 @@ class LlarkModel(nn.Module):
         return {"projector": count(self.projector.parameters()), "lm": count(self.lm.parameters())}
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over supervised labels (what the HF model computes internally)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: float | int | None = None) -> torch.Tensor:
+    """Next-token cross entropy summed over supervised labels, divided by ``denominator`` (None: the
+    number of supervised labels, i.e. the mean the HF model computes internally)."""
+    # Shifting the labels, not the logits, spares a copy of the [batch, length, vocab] logits.
+    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()
+    logits = logits.flatten(0, 1).float()
+    if denominator is None:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
 
 
 # ---------------------------------------------------------------------------------------------
