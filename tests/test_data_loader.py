@@ -14,7 +14,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures_train import encoder_manifest, tiny_lm_dir, write_shards  # noqa: E402
+from fixtures_train import encoder_manifest, smollm2_tokenizer_or_skip, tiny_lm_dir, write_shards  # noqa: E402
 
 from llark.data import (  # noqa: E402
     BadSample, DataConfigError, ExampleEncoder, LoaderState, ShardStream, StreamSettings, check_encoder,
@@ -259,14 +259,7 @@ def assert_identical(batch, expected):
 def any_tokenizer(request, tokenizer):
     if request.param == "llama2":
         return tokenizer
-    pytest.importorskip("gguf")
-    from llark.model.smollm2 import gguf_path, smollm2_tokenizer_dir
-
-    try:
-        gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return load_tokenizer(smollm2_tokenizer_dir())
+    return smollm2_tokenizer_or_skip()
 
 
 @pytest.mark.parametrize("conversation,system_prompt,frame_pool,max_seq_len", [

@@ -10,7 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures_train import LLAMA2_CHAT_TEMPLATE, tiny_lm_dir  # noqa: E402
+from fixtures_train import LLAMA2_CHAT_TEMPLATE, smollm2_tokenizer_or_skip, tiny_lm_dir  # noqa: E402
 
 from llark.data import collate  # noqa: E402
 from llark.model import (  # noqa: E402
@@ -170,14 +170,7 @@ def test_tokenizer_pad_is_not_eos_for_llama(tokenizer):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    pytest.importorskip("gguf")
-    from llark.model.smollm2 import gguf_path, smollm2_tokenizer_dir
-
-    try:
-        gguf_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-    return load_tokenizer(smollm2_tokenizer_dir())
+    return smollm2_tokenizer_or_skip()
 
 
 def test_smollm2_labels_token_by_token(smollm2_tokenizer):
