@@ -37,25 +37,24 @@ def without(records: list[dict], key: str) -> list[dict]:
     return [{k: v for k, v in r.items() if k != key} for r in records]
 
 
-@pytest.mark.slow
-def test_crop_on_a_full_disk_stops_and_a_rerun_with_space_finishes(tmp_path, pipeline_data, small_disk, monkeypatch,
-                                                                    capfd):
-    out = tmp_path / "clips.jsonl"  # the records on a disk with room, the wavs on the small one
-    args = ["crop", pipeline_data.ingested, "--out", out, "--clips-dir", small_disk.path / "clips", "--no-progress"]
-    if small_disk.mount("2m"):  # room for five of the 24 wavs
+def stop_on_a_full_disk_then_finish(args, out, errors, reference_records, path_field, small_disk, room,
+                                    module, writer, writes_before_full, monkeypatch, capfd):
+    """Run a stage whose files fill ``small_disk`` (a tmpfs of ``room``, or ``writer`` failing with
+    ENOSPC after ``writes_before_full`` writes where mounting is not allowed): it stops clearly,
+    keeping whole what it finished; with space again, the same command ends like the reference run,
+    redoing nothing and leaving no partial file."""
+    if small_disk.mount(room):
         rc = cli(*args, "--workers", "2")
     else:
-        import pipeline.crop
-
-        monkeypatch.setattr(pipeline.crop, "write_wav16", enospc_after(pipeline.crop.write_wav16, 5))
+        monkeypatch.setattr(module, writer, enospc_after(getattr(module, writer), writes_before_full))
         rc = cli(*args, "--executor", "inline")
-    stopped_clearly(rc, capfd.readouterr().err, tmp_path / "clips.errors.jsonl")
-    reference = {r["id"]: r for r in read_jsonl(pipeline_data.clips)}
+    stopped_clearly(rc, capfd.readouterr().err, errors)
+    reference = {r["id"]: r for r in reference_records}
     done = ledger_entries(out)
     assert 0 < len(done) < len(reference) and all(e["ok"] for e in done)
     for entry in done:  # what was finished is there, whole
-        [clip] = entry["outputs"]
-        assert Path(clip["clip_path"]).read_bytes() == Path(reference[clip["id"]]["clip_path"]).read_bytes()
+        [record] = entry["outputs"]
+        assert Path(record[path_field]).read_bytes() == Path(reference[record["id"]][path_field]).read_bytes()
 
     if small_disk.mounted:
         small_disk.resize("64m")
@@ -63,46 +62,36 @@ def test_crop_on_a_full_disk_stops_and_a_rerun_with_space_finishes(tmp_path, pip
         monkeypatch.undo()
     assert cli(*args) == 0
     resumed = read_jsonl(out)
-    assert without(resumed, "clip_path") == without(list(reference.values()), "clip_path")
-    for clip in resumed:
-        assert Path(clip["clip_path"]).read_bytes() == Path(reference[clip["id"]]["clip_path"]).read_bytes()
+    assert without(resumed, path_field) == without(list(reference.values()), path_field)
+    for record in resumed:
+        assert Path(record[path_field]).read_bytes() == Path(reference[record["id"]][path_field]).read_bytes()
     entries = ledger_entries(out)
     assert len(entries) == len({e["id"] for e in entries}) == len(reference), "an item finished before the full disk was redone"
     assert leftover_temporaries(small_disk.path) == [], "partial files still take the space of the small disk"
+
+
+@pytest.mark.slow
+def test_crop_on_a_full_disk_stops_and_a_rerun_with_space_finishes(tmp_path, pipeline_data, small_disk, monkeypatch,
+                                                                    capfd):
+    import pipeline.crop
+
+    out = tmp_path / "clips.jsonl"  # the records on a disk with room, the wavs on the small one
+    args = ["crop", pipeline_data.ingested, "--out", out, "--clips-dir", small_disk.path / "clips", "--no-progress"]
+    stop_on_a_full_disk_then_finish(  # 2 MB: room for five of the 24 wavs
+        args, out, tmp_path / "clips.errors.jsonl", read_jsonl(pipeline_data.clips), "clip_path", small_disk, "2m",
+        pipeline.crop, "write_wav16", 5, monkeypatch, capfd)
 
 
 @pytest.mark.slow
 def test_embed_on_a_full_disk_stops_and_a_rerun_with_space_finishes(pipeline_data, small_disk, monkeypatch, capfd):
+    import pipeline.embed
+
     emb = small_disk.path / "emb"  # arrays, records and ledger all on the small disk
     args = ["embed", pipeline_data.clips, "--embeddings-dir", emb, "--no-progress"]
-    out = emb / "embeddings.jsonl"
-    if small_disk.mount("120k"):  # room for about a third of the arrays
-        rc = cli(*args, "--workers", "2")
-    else:
-        import pipeline.embed
-
-        monkeypatch.setattr(pipeline.embed, "save_npy", enospc_after(pipeline.embed.save_npy, 8))
-        rc = cli(*args, "--executor", "inline")
-    stopped_clearly(rc, capfd.readouterr().err, emb / "embeddings.errors.jsonl")
-    reference = {r["id"]: r for r in read_jsonl(pipeline_data.embeddings / "embeddings.jsonl")}
-    done = ledger_entries(out)
-    assert 0 < len(done) < len(reference) and all(e["ok"] for e in done)
-    for entry in done:
-        [record] = entry["outputs"]
-        assert Path(record["embedding_path"]).read_bytes() == Path(reference[record["id"]]["embedding_path"]).read_bytes()
-
-    if small_disk.mounted:
-        small_disk.resize("64m")
-    else:
-        monkeypatch.undo()
-    assert cli(*args) == 0
-    resumed = read_jsonl(out)
-    assert without(resumed, "embedding_path") == without(list(reference.values()), "embedding_path")
-    for record in resumed:
-        assert Path(record["embedding_path"]).read_bytes() == Path(reference[record["id"]]["embedding_path"]).read_bytes()
-    entries = ledger_entries(out)
-    assert len(entries) == len({e["id"] for e in entries}) == len(reference), "an item finished before the full disk was redone"
-    assert leftover_temporaries(small_disk.path) == [], "partial files still take the space of the small disk"
+    stop_on_a_full_disk_then_finish(  # 120 KB: room for about a third of the arrays
+        args, emb / "embeddings.jsonl", emb / "embeddings.errors.jsonl",
+        read_jsonl(pipeline_data.embeddings / "embeddings.jsonl"), "embedding_path", small_disk, "120k",
+        pipeline.embed, "save_npy", 8, monkeypatch, capfd)
 
 
 @pytest.mark.slow
