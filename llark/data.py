@@ -46,6 +46,7 @@ import torch
 
 from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
 from llark.model.llark import pool_frames
+from pipeline.shard_reader import iter_samples
 
 log = logging.getLogger("llark")
 
@@ -147,16 +148,39 @@ def all_finite(array: np.ndarray) -> bool:
 
 
 def iter_shard(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar shard (a path, or any URL webdataset's gopen reads: pipe:, http, s3 ...)."""
-    from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+    """Raw samples of one tar shard (a path, or any URL webdataset's gopen reads: pipe:, http, s3 ...);
+    a truncated or corrupt shard, or a pickled member, raises a ShardReadError naming the shard."""
+    yield from iter_samples(url)
 
-    stream = gopen(url)
-    try:
-        members = ({**member, "__url__": url} for member in tar_file_iterator(stream))
-        yield from group_by_keys(members)
-    finally:
-        stream.close()
+
+def frame_statistics(urls: list[str], encoder_dim: int, frame_pool: int = 1,
+                     max_samples: int = 512) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-dimension mean and standard deviation of the audio tokens the projector will see (the
+    frames pooled by ``frame_pool``), over the first ``max_samples`` samples of ``urls`` in order,
+    so that every rank computes the same figures. Returns ``(mean, std, samples read)``."""
+    total = np.zeros(encoder_dim, dtype=np.float64)
+    squares = np.zeros(encoder_dim, dtype=np.float64)
+    tokens = samples = 0
+    for url in urls:
+        for raw in iter_shard(url):
+            if samples >= max_samples:
+                break
+            try:
+                audio = pool_frames(decode_audio(read_sample(raw), encoder_dim), frame_pool).astype(np.float64)
+            except BadSample as exc:
+                log.warning("frame statistics: skipping %s", exc)
+                continue
+            total += audio.sum(axis=0)
+            squares += np.square(audio).sum(axis=0)
+            tokens += audio.shape[0]
+            samples += 1
+        if samples >= max_samples:
+            break
+    if not tokens:
+        raise DataConfigError(f"no readable sample in {len(urls)} shards to compute the frames' statistics from")
+    mean = total / tokens
+    std = np.sqrt(np.maximum(squares / tokens - np.square(mean), 0.0))
+    return mean.astype(np.float32), std.astype(np.float32), samples
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is
 METRICS = "metrics.jsonl"
 # Settings that may change when resuming (the rest must match the checkpoint's).
 RESUMABLE_CHANGES = {"optim.max_steps", "save_every", "keep_checkpoints", "log_every", "tensorboard",
-                     "wandb_project", "export", "resume", "output_dir", "deepspeed", "data.num_workers"}
+                     "wandb_project", "export", "resume", "output_dir", "deepspeed", "data.num_workers",
+                     "model.projector_init", "model.projector_init_samples"}  # the last two: a new run only
 
 
 class TrainConfigError(ValueError):
@@ -85,6 +86,11 @@ class ModelSection(_Section):
     end_of_turn: str | None = None
     frame_pool: int | None = Field(None, ge=1, description="encoder frames averaged into one audio token; "
                                    "None: 1 for a new model, model.init_from's otherwise")
+    projector_init: Literal["standardise", "default"] = Field(
+        "standardise", description="a new projector: 'standardise' centres and scales the training frames to the "
+        "spread of the LM's token embeddings (statistics from the first projector_init_samples samples); "
+        "'default': PyTorch's nn.Linear init")
+    projector_init_samples: int = Field(512, ge=1)
 
 
 class DataSection(_Section):
@@ -384,6 +390,8 @@ class TrainRecipe:
                                     system_prompt=cfg.model.system_prompt, end_of_turn=cfg.model.end_of_turn,
                                     frame_pool=cfg.model.frame_pool or 1)
             model, tokenizer = build_llark(llark_cfg, quantization=cfg.model.quantization, **model_kwargs)
+            if cfg.model.projector_init == "standardise" and self._checkpoint_to_resume() is None:
+                self._standardise_projector(model)
         model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
         configure_training(model, cfg.model.mode, LoraSettings(**cfg.model.lora.model_dump()),
                            cfg.model.gradient_checkpointing)
@@ -452,6 +460,20 @@ class TrainRecipe:
                 f"{cfg.optim.max_steps * cfg.global_batch / max(1, self.shards.samples):.2f} passes over the samples "
                 f"in {cfg.optim.max_steps:,} steps" + (f"; resuming at step {self.step}" if checkpoint else ""))
 
+    def _standardise_projector(self, model) -> None:
+        """Every rank reads the same first samples and seeds the same generator: identical weights."""
+        from llark.data import frame_statistics
+        from llark.model.llark import standardise_projector, token_embedding_std
+
+        m = self.cfg.model
+        mean, std, samples = frame_statistics(self.shards.urls, model.projector.in_features, model.config.frame_pool,
+                                              m.projector_init_samples)
+        token_std = token_embedding_std(model.lm)
+        standardise_projector(model.projector, mean, std, token_std, seed=self.cfg.seed)
+        self._print(f"train: projector initialised from the frame statistics of {samples} samples (frames: mean "
+                    f"|mean| {np.abs(mean).mean():.3g}, mean std {std.mean():.3g}; audio tokens scaled to the token "
+                    f"embeddings' std {token_std:.3g})")
+
     def _seed(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -512,10 +534,10 @@ class TrainRecipe:
                                window["skipped"]], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
         loss = totals[0].item()
+        o = self.cfg.optim
+        multiplier = lr_multiplier(self.step - 1, o.warmup_steps, o.max_steps, o.min_lr_ratio)
         metrics = {
-            "step": self.step, "loss": loss,
-            "lr": self.cfg.optim.lr * lr_multiplier(self.step - 1, self.cfg.optim.warmup_steps,
-                                                    self.cfg.optim.max_steps, self.cfg.optim.min_lr_ratio),
+            "step": self.step, "loss": loss, "lr": o.lr * multiplier, "projector_lr": (o.projector_lr or o.lr) * multiplier,
             "grad_norm": _float(self.engine.get_global_grad_norm()),
             "tokens_per_s": totals[1].item() / seconds, "samples_per_s": totals[2].item() / seconds,
             "skipped_samples": int(totals[3].item()),
@@ -525,14 +547,17 @@ class TrainRecipe:
         with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+            for key in ("loss", "lr", "projector_lr", "grad_norm", "tokens_per_s", "samples_per_s"):
                 if metrics[key] is not None:
                     self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
             self.writer.flush()
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.step)
         gn = metrics["grad_norm"]
-        self._print(f"step {self.step}/{self.cfg.optim.max_steps} loss {loss:.4f} lr {metrics['lr']:.3e} "
+        lr = (f"lr {metrics['lr']:.3e}" if self.cfg.model.mode != "projector" else "")
+        if self.cfg.model.mode == "projector" or o.projector_lr:
+            lr = f"{lr} projector lr {metrics['projector_lr']:.3e}".strip()
+        self._print(f"step {self.step}/{o.max_steps} loss {loss:.4f} {lr} "
                     f"grad-norm {gn if gn is None else f'{gn:.3f}'} {metrics['tokens_per_s']:.0f} tokens/s "
                     f"{metrics['samples_per_s']:.2f} samples/s")
 

@@ -508,10 +508,12 @@ def temporary_path(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
+def atomic_write(path: Path, mode: str = "wb", fsync: bool = False,
+                 keep: Callable[[], bool] | None = None) -> Iterator[IO]:
     """A file object on ``path``'s temporary file, renamed to ``path`` when the block ends without
     an error and removed when it does not: ``path`` is never seen half written. A full disk's error
-    names ``path`` (a failed write alone does not say where the disk is full)."""
+    names ``path`` (a failed write alone does not say where the disk is full). ``keep``: asked when
+    the block ends; False discards what was written and removes an older ``path``."""
     tmp = temporary_path(path)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
@@ -519,7 +521,10 @@ def atomic_write(path: Path, mode: str = "wb", fsync: bool = False) -> Iterator[
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if keep is None or keep():
+            os.replace(tmp, path)
+        else:
+            path.unlink(missing_ok=True)
     except OSError as exc:
         if exc.filename is None and is_disk_failure(exc):
             exc.filename = str(path)

@@ -77,7 +77,6 @@ from pipeline.runner import (
     remove_dead_temporaries,
     run_stage,
     stopped_by_disk,
-    temporary_path,
 )
 
 log = logging.getLogger("llark")
@@ -410,44 +409,33 @@ def tar_member(name: str, size: int) -> tarfile.TarInfo:
 def write_shard_item(row: dict, settings: ShardSettings) -> dict:
     """Per-item function of the shards stage: write one planned shard atomically."""
     path = Path(row["path"])
-    tmp = temporary_path(path)
     written, skipped = 0, []
-    try:
-        with open(settings.samples_path, "rb") as sample_json, open(tmp, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tar:
-                for sample in row["samples"]:
-                    key = sample["key"]
-                    try:
-                        data = Path(sample["embedding_path"]).read_bytes()
-                        array = parse_npy(data, settings.dtype, settings.dim)
-                        if array.shape[0] != sample["frames"]:
-                            raise EmbeddingProblem("frames_mismatch", f"{array.shape[0]} frames, the embedding "
-                                                   f"record says {sample['frames']}")
-                    except OSError as exc:
-                        skipped.append({"key": key, "reason": "embedding_file_missing", "detail": str(exc)})
-                        continue
-                    except EmbeddingProblem as exc:
-                        skipped.append({"key": key, "reason": "bad_embedding", "detail": f"{exc.code}: {exc}"})
-                        continue
-                    sample_json.seek(sample["json_offset"])
-                    payload = sample_json.read(sample["json_length"])
-                    if hashlib.sha1(payload).hexdigest() != sample["json_sha1"]:
-                        raise ItemError("plan_changed", f"{settings.samples_path} changed under this run; rerun")
-                    tar.addfile(tar_member(f"{key}.npy", len(data)), io.BytesIO(data))
-                    tar.addfile(tar_member(f"{key}.json", len(payload)), io.BytesIO(payload))
-                    written += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        if written:
-            os.replace(tmp, path)
-        else:  # every sample was refused (they are reported); no empty shard for training to open
-            path.unlink(missing_ok=True)
-    except OSError as exc:
-        if exc.filename is None and is_disk_failure(exc):
-            exc.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    # A shard whose every sample was refused (they are reported) is not kept: no empty shard for
+    # training to open.
+    with open(settings.samples_path, "rb") as sample_json, \
+            atomic_write(path, fsync=True, keep=lambda: written > 0) as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tar:
+            for sample in row["samples"]:
+                key = sample["key"]
+                try:
+                    data = Path(sample["embedding_path"]).read_bytes()
+                    array = parse_npy(data, settings.dtype, settings.dim)
+                    if array.shape[0] != sample["frames"]:
+                        raise EmbeddingProblem("frames_mismatch", f"{array.shape[0]} frames, the embedding "
+                                               f"record says {sample['frames']}")
+                except OSError as exc:
+                    skipped.append({"key": key, "reason": "embedding_file_missing", "detail": str(exc)})
+                    continue
+                except EmbeddingProblem as exc:
+                    skipped.append({"key": key, "reason": "bad_embedding", "detail": f"{exc.code}: {exc}"})
+                    continue
+                sample_json.seek(sample["json_offset"])
+                payload = sample_json.read(sample["json_length"])
+                if hashlib.sha1(payload).hexdigest() != sample["json_sha1"]:
+                    raise ItemError("plan_changed", f"{settings.samples_path} changed under this run; rerun")
+                tar.addfile(tar_member(f"{key}.npy", len(data)), io.BytesIO(data))
+                tar.addfile(tar_member(f"{key}.json", len(payload)), io.BytesIO(payload))
+                written += 1
     return {
         "id": row["id"], "file": path.name if written else None, "split": row["split"],
         "task_family": row["task_family"], "samples": written, "bytes": path.stat().st_size if written else 0,

@@ -1,5 +1,6 @@
 """Audio tokens pooled from encoder frames, the question filter, and the projector's own learning rate:
-the same pooling in training and in inference, a filter that keeps only matching pairs."""
+the same pooling in training and in inference, a filter that keeps only matching pairs, and a new
+projector initialised from the frames' statistics."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fixtures_train import QUESTIONS, tiny_lm_dir, write_shards  # noqa: E402
 
-from llark.data import DataConfigError, ExampleEncoder, ShardStream, StreamSettings, open_shards  # noqa: E402
+from llark.data import DataConfigError, ExampleEncoder, ShardStream, StreamSettings, frame_statistics, open_shards  # noqa: E402
 from llark.model import ChatFormatter, ModelConfigError, load_tokenizer  # noqa: E402
 from llark.model.llark import pool_frames  # noqa: E402
 from llark.train import TrainConfigError, load_config  # noqa: E402
@@ -121,3 +123,44 @@ def test_inference_pools_like_training(tmp_path):
         assert prompt.count(audio_id) == 5
         answers[pool] = llark.answer(["What is the key?"] * 3, inputs, settings)
     assert answers[5] == answers[1]
+
+
+def test_frame_statistics_are_those_of_the_pooled_frames(shards):
+    shard_dir, samples = shards
+    urls = open_shards([str(shard_dir)]).urls
+    mean, std, read = frame_statistics(urls, DIM, frame_pool=4, max_samples=1000)
+    pooled = np.concatenate([pool_frames(s["audio"], 4).astype(np.float64) for s in samples.values()])
+    assert read == len(samples)
+    np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std, pooled.std(axis=0), rtol=1e-4, atol=1e-5)
+    # A cap reads the first samples in shard order: every rank gets the same figures.
+    assert frame_statistics(urls, DIM, 4, max_samples=5)[2] == 5
+    np.testing.assert_array_equal(frame_statistics(urls, DIM, 4, 5)[0], frame_statistics(urls, DIM, 4, 5)[0])
+
+
+def test_standardised_projector_centres_and_scales_unnormalised_frames():
+    from torch import nn
+
+    from llark.model.llark import standardise_projector
+
+    rng = np.random.default_rng(0)
+    centre, spread = rng.uniform(-200, 200, DIM), rng.uniform(0.1, 80, DIM)
+    frames = (centre + spread * rng.standard_normal((4000, DIM))).astype(np.float32)
+    projector = nn.Linear(DIM, 32)
+    default_out = projector(torch.from_numpy(frames)).detach().numpy()
+    standardise_projector(projector, frames.mean(0), frames.std(0), token_std=0.05, seed=3)
+    out = projector(torch.from_numpy(frames)).detach().numpy()
+    assert np.abs(out.mean(axis=0)).max() < 0.01  # centred per output dimension
+    assert 0.035 < out.std() < 0.065  # the token embeddings' spread
+    assert np.abs(default_out).mean() > 20  # what the default init hands the LM for these frames
+    again = nn.Linear(DIM, 32)
+    standardise_projector(again, frames.mean(0), frames.std(0), token_std=0.05, seed=3)
+    assert torch.equal(again.weight, projector.weight) and torch.equal(again.bias, projector.bias)
+    with pytest.raises(ModelConfigError, match="frame statistics"):
+        standardise_projector(again, frames.mean(0)[:3], frames.std(0)[:3], token_std=0.05)
+
+
+def test_projector_init_is_validated():
+    assert load_config(None).model.projector_init == "standardise"
+    with pytest.raises(TrainConfigError, match="model.projector_init"):
+        load_config(None, {"model.projector_init": "xavier"})

@@ -18,7 +18,7 @@ from pipeline.instructions.templates import (
     relative_key,
     with_article,
 )
-from pipeline.runner import ItemError
+from pipeline.runner import ItemError, StageConfigError
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,30 @@ def test_answers_state_the_facts_of_the_clip(settings, tmp_path):
     assert "an electric guitar" in mtg and "hip-hop" in mtg and "energetic" in mtg
     reasoning = records["musicnet-000001-reasoning"]["pairs"]
     assert 2 <= len(reasoning) <= 4 and all(len(p["answer"].split()) >= 15 for p in reasoning)
+
+
+def test_concise_answers_are_the_bare_facts_with_the_same_questions(settings, tmp_path):
+    records = [clip("magnatagatune"), clip("mtg_jamendo")]
+    full = all_pairs(records, settings, tmp_path)
+    concise_settings = type(settings)(**{**settings.__dict__, "concise": True})
+    concise = all_pairs(records, concise_settings, tmp_path)
+    magna = concise["magnatagatune-000001-understanding"]
+    answers = [p["answer"] for p in magna["pairs"]]
+    assert "121 BPM." in answers and "4/4." in answers
+    assert "F# minor." in answers or "Minor: F# minor." in answers
+    bad = [a for a in answers if not (len(a.split()) <= 12 and a.endswith(".") and not a[0].islower())]
+    assert not bad, bad
+    assert [p["question"] for p in magna["pairs"]] == [p["question"] for p in full["magnatagatune-000001-understanding"]["pairs"]]
+    assert "-concise-" in magna["prompt_version"] and "-concise-" not in full["magnatagatune-000001-understanding"]["prompt_version"]
+    # Reasoning keeps its sentences.
+    assert concise["mtgjamendo-000001-reasoning"]["pairs"] == full["mtgjamendo-000001-reasoning"]["pairs"]
+
+
+def test_concise_answers_are_refused_for_a_language_model_backend(tmp_path):
+    path = write_clips(tmp_path / "c.jsonl", [clip("fma")])
+    with pytest.raises(StageConfigError, match="--concise-answers"):
+        plan_run(InstructionsConfig(input=path, output=tmp_path / "o.jsonl", backend="openai", concise_answers=True),
+                 environ={"OPENAI_API_KEY": "sk-test"})
 
 
 def test_musicnet_captions_come_from_the_notes(settings, tmp_path):

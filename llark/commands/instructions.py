@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--families", default="understanding,captioning,reasoning",
                    help="comma-separated task families to write (each clip also lists its own)")
     p.add_argument("--seed", type=int, default=0, help="seed of the template writer and of the caption questions")
+    p.add_argument("--concise-answers", action="store_true",
+                   help="template writer: understanding answers state only the fact ('Db major.', '115 BPM.')")
     p.add_argument("--reasoning-clips-per-dataset", type=int, default=REASONING_CLIPS_PER_DATASET,
                    help="at most this many clips per dataset get reasoning pairs (the paper's cap); 0: no cap")
     p.add_argument("--prompts-dir", type=Path, default=None,
@@ -100,7 +102,7 @@ def config_from_args(args):
     if args.batch_max_mb <= 0:
         raise StageConfigError(f"--batch-max-mb must be positive, got {args.batch_max_mb}")
     return InstructionsConfig(
-        input=args.input, output=args.out, backend=args.backend, families=families, seed=args.seed,
+        input=args.input, output=args.out, backend=args.backend, families=families, seed=args.seed, concise_answers=args.concise_answers,
         prompts_dir=args.prompts_dir, models=models, base_url=args.base_url, api_key_env=args.api_key_env,
         concurrency=args.concurrency, request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
         max_output_tokens=max_tokens, temperature=args.temperature, max_cost=args.max_cost,

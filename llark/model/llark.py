@@ -19,6 +19,7 @@ An exported model is a Hugging Face directory (``save_pretrained`` with safetens
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +137,8 @@ class LlarkModel(nn.Module):
         )
 
     def trainable_counts(self) -> dict[str, int]:
-        count = lambda ps: sum(p.numel() for p in ps if p.requires_grad)  # noqa: E731
+        # Under ZeRO-3 a partitioned parameter's numel() is 0; ds_numel is its full size.
+        count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps if p.requires_grad)  # noqa: E731
         return {"projector": count(self.projector.parameters()), "lm": count(self.lm.parameters())}
 
 
@@ -290,6 +292,38 @@ def write_tiny_llama(out_dir: str | os.PathLike, tokenizer, hidden: int = 64, la
     LlamaForCausalLM(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def standardise_projector(projector: nn.Linear, mean: np.ndarray, std: np.ndarray, token_std: float,
+                          seed: int = 0, min_relative_std: float = 0.1) -> None:
+    """Initialise ``projector`` so that audio tokens with the given per-dimension ``mean`` and ``std``
+    come out centred, with the spread ``token_std`` of the LM's own token embeddings.
+
+    ``W = N(0, 1) * token_std / sqrt(dim) / std`` (column-wise) and ``b = -W @ mean``: the same as a
+    random projection of the standardised frames. PyTorch's default init ignores the frames' scale:
+    unnormalised encoder outputs (Jukebox activations, log-mel energies) then land orders of
+    magnitude away from the token embeddings, and the frozen LM reads every clip as the same
+    out-of-range input, which a projector-only stage is slow to undo. A dimension that hardly varies
+    (a silent mel band) is scaled as if its spread were ``min_relative_std`` x the median spread,
+    so that its noise is not amplified into the audio tokens.
+    """
+    dim = projector.in_features
+    if mean.shape != (dim,) or std.shape != (dim,):
+        raise ModelConfigError(f"frame statistics of shape {mean.shape}/{std.shape} for a projector from {dim}")
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(projector.out_features, dim, generator=generator, dtype=torch.float64)
+    weight *= token_std / math.sqrt(dim)
+    floor = max(float(np.median(std)) * min_relative_std, 1e-8)
+    weight /= torch.from_numpy(np.maximum(std, floor).astype(np.float64))[None, :]
+    bias = -(weight @ torch.from_numpy(mean.astype(np.float64)))
+    projector.weight.copy_(weight.to(projector.weight.dtype))
+    if projector.bias is not None:
+        projector.bias.copy_(bias.to(projector.bias.dtype))
+
+
+def token_embedding_std(lm: nn.Module) -> float:
+    return float(lm.get_input_embeddings().weight.detach().float().std())
 
 
 # ---------------------------------------------------------------------------------------------

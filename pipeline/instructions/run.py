@@ -69,6 +69,7 @@ class InstructionsConfig:
     backend: str = "auto"
     families: tuple[str, ...] = TASK_FAMILIES
     seed: int = 0
+    concise_answers: bool = False  # the template writer's understanding answers: the bare fact
     prompts_dir: Path | None = None
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
     base_url: str | None = None
@@ -166,7 +167,11 @@ def plan_run(cfg: InstructionsConfig, environ: dict | None = None) -> Plan:
         caption_questions=prompt_set.caption_questions, captions_as_given=prompt_set.captions_as_given,
     )
     if backend == "template":
-        return Plan(config=cfg, backend=backend, prompt_set=prompt_set, settings=WriterSettings(writer="template", **common))
+        return Plan(config=cfg, backend=backend, prompt_set=prompt_set,
+                    settings=WriterSettings(writer="template", concise=cfg.concise_answers, **common))
+    if cfg.concise_answers:
+        raise StageConfigError(f"--concise-answers: only the template writer has it (the backend is {backend}); "
+                               "the language models' prompts set their answers' style")
 
     from pipeline.instructions.chat import OPENAI_BASE_URL
 

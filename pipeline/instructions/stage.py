@@ -49,6 +49,7 @@ class WriterSettings:
     prompt_versions: dict[str, str] = field(default_factory=dict)  # llm: "dataset/family" -> version
     max_output_tokens: dict[str, int] = field(default_factory=dict)
     temperature: float | None = None
+    concise: bool = False  # template writer: understanding answers that state only the fact
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +163,10 @@ def write_with_templates(row: dict, settings: WriterSettings) -> dict:
         return given_caption_record(row, settings)
     facts = clip_facts(row["metadata"], row["dataset"])
     rng = item_rng(settings.seed, row["clip_id"], row["task_family"])
-    pairs = write_pairs(row["task_family"], facts, rng, settings.caption_questions)
+    pairs = write_pairs(row["task_family"], facts, rng, settings.caption_questions, settings.concise)
+    style = "-concise" if settings.concise else ""
     return finish_record(row, pairs, settings, backend="template", model=TEMPLATE_MODEL,
-                         prompt_version=f"templates-v{settings.template_version}-seed{settings.seed}")
+                         prompt_version=f"templates-v{settings.template_version}{style}-seed{settings.seed}")
 
 
 async def answer_with_llm(row: dict, runtime) -> dict:

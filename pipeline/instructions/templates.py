@@ -241,9 +241,10 @@ def _note_facts(f: Facts, notes: dict[str, list[dict]]) -> None:
 # Writing
 
 
-def write_pairs(family: str, facts: Facts, rng: random.Random, caption_questions: tuple[str, ...]) -> list[dict]:
+def write_pairs(family: str, facts: Facts, rng: random.Random, caption_questions: tuple[str, ...],
+                concise: bool = False) -> list[dict]:
     if family == "understanding":
-        pairs = understanding_pairs(facts, rng)
+        pairs = understanding_pairs(facts, rng, concise)
     elif family == "captioning":
         caption = caption_text(facts, rng)
         pairs = [{"question": rng.choice(caption_questions), "answer": caption}] if caption else []
@@ -259,7 +260,9 @@ def item_rng(seed: int, clip_id: str, family: str) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def understanding_pairs(f: Facts, rng: random.Random) -> list[dict]:
+def understanding_pairs(f: Facts, rng: random.Random, concise: bool = False) -> list[dict]:
+    """One pair per property (and yes/no instrument questions), in a random order. ``concise``: each
+    answer is the bare fact ("Db major.", "115 BPM.", "3/4."), the questions as varied as ever."""
     writers: list[Callable[[Facts, random.Random], tuple[str, str]]] = []
     if f.tempo_bpm:
         writers.append(_tempo_pair)
@@ -283,9 +286,13 @@ def understanding_pairs(f: Facts, rng: random.Random) -> list[dict]:
         writers.append(_theme_pair)
     if f.tags:
         writers.append(_tags_pair)
-    pairs = [_pair(*w(f, rng)) for w in writers]
+    pairs = []
+    for w in writers:
+        question, answer = w(f, rng)
+        pairs.append(_pair(question, CONCISE_ANSWERS[w](f) if concise else answer))
     for instrument in rng.sample(f.instruments, min(INSTRUMENT_QUESTIONS, len(f.instruments))):
-        pairs.append(_pair(*_has_instrument_pair(instrument, rng)))
+        question, answer = _has_instrument_pair(instrument, rng)
+        pairs.append(_pair(question, "Yes." if concise else answer))
     rng.shuffle(pairs)
     return pairs
 
@@ -466,6 +473,28 @@ def _tags_pair(f: Facts, rng: random.Random) -> tuple[str, str]:
         "How would you tag this track?",
     ])
     return question, rng.choice([f"{tags[0].upper()}{tags[1:]}.", f"Tags that fit: {tags}.", f"I would tag it {tags}."])
+
+
+def _sentence(text: str) -> str:
+    return f"{text[0].upper()}{text[1:]}."
+
+
+# The understanding answers with nothing but the fact (a small model learns the facts from the
+# audio far sooner when the answer's wording does not vary).
+CONCISE_ANSWERS: dict[Callable, Callable[[Facts], str]] = {
+    _tempo_pair: lambda f: f"{round(f.tempo_bpm)} BPM.",
+    _key_pair: lambda f: _sentence(f.key),
+    _mode_pair: lambda f: f"{f.mode.capitalize()}: {f.key}.",
+    _metre_pair: lambda f: f"{metre_words(f.beats_per_bar)[0]}.",
+    _chords_pair: lambda f: _sentence(join_words(f.chords[:6])),
+    _progression_pair: lambda f: f"{f.progression}.",
+    _genre_pair: lambda f: _sentence(f.genres[0]),
+    _instruments_pair: lambda f: _sentence(join_words(f.instruments[:6])),
+    _vocals_pair: lambda f: f"Yes: {f.voice} vocals." if f.vocals and f.voice else ("Yes." if f.vocals else "No, it is instrumental."),
+    _mood_pair: lambda f: _sentence(join_words(f.moods[:4])),
+    _theme_pair: lambda f: _sentence(join_words(f.themes[:4])),
+    _tags_pair: lambda f: _sentence(", ".join(f.tags[:8])),
+}
 
 
 # -- captioning
