@@ -379,7 +379,9 @@ class TrainRecipe:
         manifest = self.shards.manifest
         encoder_dim = cfg.model.encoder_dim or manifest["dim"]
 
-        # 3. Model and tokenizer; the encoder check runs before any weight is trained.
+        # 3. Model and tokenizer; the encoder check runs before any weight is trained. A run that
+        # resumes loads its projector from the checkpoint, so only a new one is initialised here.
+        checkpoint = self._checkpoint_to_resume()
         model_kwargs = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation)
         if cfg.model.init_from:
             model, tokenizer, _ = load_pretrained(cfg.model.init_from, **model_kwargs)
@@ -390,7 +392,7 @@ class TrainRecipe:
                                     system_prompt=cfg.model.system_prompt, end_of_turn=cfg.model.end_of_turn,
                                     frame_pool=cfg.model.frame_pool or 1)
             model, tokenizer = build_llark(llark_cfg, quantization=cfg.model.quantization, **model_kwargs)
-            if cfg.model.projector_init == "standardise" and self._checkpoint_to_resume() is None:
+            if cfg.model.projector_init == "standardise" and checkpoint is None:
                 self._standardise_projector(model)
         model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
         configure_training(model, cfg.model.mode, LoraSettings(**cfg.model.lora.model_dump()),
@@ -412,7 +414,6 @@ class TrainRecipe:
 
         # 5. Resume (weights, optimizer, schedule, data position, RNG) before the loader starts reading.
         positions = None
-        checkpoint = self._checkpoint_to_resume()
         if checkpoint is not None:
             positions = self._load_checkpoint(checkpoint)
 

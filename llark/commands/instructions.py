@@ -102,7 +102,8 @@ def config_from_args(args):
     if args.batch_max_mb <= 0:
         raise StageConfigError(f"--batch-max-mb must be positive, got {args.batch_max_mb}")
     return InstructionsConfig(
-        input=args.input, output=args.out, backend=args.backend, families=families, seed=args.seed, concise_answers=args.concise_answers,
+        input=args.input, output=args.out, backend=args.backend, families=families, seed=args.seed,
+        concise_answers=args.concise_answers,
         prompts_dir=args.prompts_dir, models=models, base_url=args.base_url, api_key_env=args.api_key_env,
         concurrency=args.concurrency, request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
         max_output_tokens=max_tokens, temperature=args.temperature, max_cost=args.max_cost,

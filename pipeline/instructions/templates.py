@@ -288,7 +288,7 @@ def understanding_pairs(f: Facts, rng: random.Random, concise: bool = False) -> 
         writers.append(_tags_pair)
     pairs = []
     for w in writers:
-        question, answer = w(f, rng)
+        question, answer = w(f, rng)  # drawn in either style: the same questions, seed for seed
         pairs.append(_pair(question, CONCISE_ANSWERS[w](f) if concise else answer))
     for instrument in rng.sample(f.instruments, min(INSTRUMENT_QUESTIONS, len(f.instruments))):
         question, answer = _has_instrument_pair(instrument, rng)
@@ -490,7 +490,7 @@ CONCISE_ANSWERS: dict[Callable, Callable[[Facts], str]] = {
     _progression_pair: lambda f: f"{f.progression}.",
     _genre_pair: lambda f: _sentence(f.genres[0]),
     _instruments_pair: lambda f: _sentence(join_words(f.instruments[:6])),
-    _vocals_pair: lambda f: f"Yes: {f.voice} vocals." if f.vocals and f.voice else ("Yes." if f.vocals else "No, it is instrumental."),
+    _vocals_pair: lambda f: (f"Yes: {f.voice} vocals." if f.voice else "Yes.") if f.vocals else "No, it is instrumental.",
     _mood_pair: lambda f: _sentence(join_words(f.moods[:4])),
     _theme_pair: lambda f: _sentence(join_words(f.themes[:4])),
     _tags_pair: lambda f: _sentence(", ".join(f.tags[:8])),
