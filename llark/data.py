@@ -32,6 +32,7 @@ setting) or one multi-turn conversation (``"multi_turn"``; trailing rounds are d
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -161,19 +162,16 @@ def frame_statistics(urls: list[str], encoder_dim: int, frame_pool: int = 1,
     total = np.zeros(encoder_dim, dtype=np.float64)
     squares = np.zeros(encoder_dim, dtype=np.float64)
     tokens = samples = 0
-    for url in urls:
-        for raw in iter_shard(url):
-            if samples >= max_samples:
-                break
-            try:
-                audio = pool_frames(decode_audio(read_sample(raw), encoder_dim), frame_pool).astype(np.float64)
-            except BadSample as exc:
-                log.warning("frame statistics: skipping %s", exc)
-                continue
-            total += audio.sum(axis=0)
-            squares += np.square(audio).sum(axis=0)
-            tokens += audio.shape[0]
-            samples += 1
+    for raw in itertools.chain.from_iterable(iter_shard(url) for url in urls):
+        try:
+            audio = pool_frames(decode_audio(read_sample(raw), encoder_dim), frame_pool).astype(np.float64)
+        except BadSample as exc:
+            log.warning("frame statistics: skipping %s", exc)
+            continue
+        total += audio.sum(axis=0)
+        squares += np.square(audio).sum(axis=0)
+        tokens += audio.shape[0]
+        samples += 1
         if samples >= max_samples:
             break
     if not tokens:
