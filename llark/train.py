@@ -449,10 +449,11 @@ class TrainRecipe:
                 self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.model_dump(mode="json"),
                                         dir=str(self.output_dir), resume="allow")
             counts = model.trainable_counts()
+            mode = cfg.model.mode + (f" (LM in {cfg.model.quantization})" if cfg.model.quantization else "")
             self._print(
                 f"train: {self.world_size} processes, global batch {cfg.global_batch} = micro-batch "
                 f"{cfg.micro_batch} x grad-accum {self.grad_accum} x world size {self.world_size}; "
-                f"ZeRO-{self.zero_stage}, {cfg.model.dtype}, mode {cfg.model.mode}; peak LR {cfg.optim.lr:g}"
+                f"ZeRO-{self.zero_stage}, {cfg.model.dtype}, mode {mode}; peak LR {cfg.optim.lr:g}"
                 f" (projector {cfg.optim.projector_lr or cfg.optim.lr:g}); {model.config.frame_pool} encoder "
                 f"frame(s) per audio token\n"
                 f"train: trainable parameters: projector {counts['projector']:,}, LM {counts['lm']:,}; "
@@ -577,7 +578,8 @@ class TrainRecipe:
         tag = f"step_{self.step:08d}"
         root = self.output_dir / CHECKPOINTS
         path = root / tag
-        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        self.engine.save_checkpoint(str(root), tag=tag, save_latest=False,
+                                    exclude_frozen_parameters=self._saves_trained_weights_only)
         write_json_atomic(path / f"rank_{self.rank:05d}.json",
                           {"loader": self.loader_state.to_dict(), "rng": rng_state()})
         projector = self._gathered_projector()
@@ -594,6 +596,13 @@ class TrainRecipe:
             self._print(f"checkpoint: {path}")
         dist.barrier()
         return path
+
+    @property
+    def _saves_trained_weights_only(self) -> bool:
+        """With the LM frozen (projector or LoRA mode) its weights are read from model.lm_path again on resume,
+        so checkpoints hold only what is trained: for a 7B LM, megabytes instead of 13 GB each. A 4-bit or
+        8-bit LM could not be loaded back from its own state dict anyway. ZeRO-3 keeps DeepSpeed's own format."""
+        return self.cfg.model.mode != "full" and self.zero_stage < 3
 
     def _gathered_projector(self) -> dict[str, torch.Tensor]:
         from llark.model.llark import projector_state
@@ -631,8 +640,9 @@ class TrainRecipe:
             raise TrainConfigError(f"resume: the config differs from {path}'s in "
                                    + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
                                    + "; use resume: never (or another output_dir) to start over")
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        load_path, _ = self.engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+            custom_load_fn=load_trained_weights if self._saves_trained_weights_only else None)
         if load_path is None:
             raise TrainConfigError(f"resume: DeepSpeed could not load {path}")
         mine = json.loads((path / f"rank_{self.rank:05d}.json").read_text(encoding="utf-8"))
@@ -655,7 +665,14 @@ class TrainRecipe:
         projector = self._gathered_projector()
         if self.is_main:
             lm = self.model.lm
-            if self.cfg.model.mode == "lora":
+            if self.cfg.model.quantization:
+                from llark.model.llark import merge_adapters_into_full_precision, resolve_lm_path
+
+                self._print(f"export: merging the LoRA adapters into {self.cfg.model.lm_path} read again "
+                            f"in {self.cfg.model.dtype} (not into its {self.cfg.model.quantization} copy)")
+                lm = merge_adapters_into_full_precision(lm, resolve_lm_path(self.cfg.model.lm_path),
+                                                        self.cfg.model.dtype)
+            elif self.cfg.model.mode == "lora":
                 lm = lm.merge_and_unload()
             export_pretrained(out, lm, self.tokenizer, self.model.config, projector, lm_state=lm_state)
             self._print(f"export: {out} (load it with llark.model.load_pretrained, or `llark ask`)")
@@ -674,6 +691,17 @@ class TrainRecipe:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def load_trained_weights(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module loader for checkpoints that hold the trained parameters only: every one of them
+    must be there; the frozen ones stay as built from model.lm_path."""
+    trained = [name for name, p in dst.named_parameters() if p.requires_grad]
+    missing = [name for name in trained if name not in src]
+    if missing:
+        raise TrainConfigError(f"resume: the checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}; "
+                               "was it written with another model.mode or LoRA setting?")
+    dst.load_state_dict({name: src[name] for name in trained}, strict=False)
 
 
 def _new_window() -> dict[str, Any]:

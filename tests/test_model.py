@@ -4,6 +4,7 @@ replacement, loss masking, trainable modes, export and reload."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from llark.model import (  # noqa: E402
     IGNORE_INDEX, ChatFormatError, ChatFormatter, LlarkConfig, ModelConfigError, build_llark, build_messages,
     configure_training, export_pretrained, load_pretrained, load_tokenizer,
 )
-from llark.model.llark import check_quantization, projector_state, token_loss  # noqa: E402
+from llark.model.llark import LoraSettings, check_quantization, projector_state, token_loss  # noqa: E402
 
 SYSTEM = "You are a music assistant."
 PAIRS = [("What is the key of this song?", "The key is C minor."),
@@ -360,13 +361,34 @@ def test_full_mode_trains_everything(lm_dir):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_quantization_on_cpu_says_what_is_needed():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ModelConfigError, match="CUDA GPU and bitsandbytes"):
-        check_quantization("4bit")
+def test_quantization_says_which_bitsandbytes_it_needs(monkeypatch):
+    import types
+
     with pytest.raises(ModelConfigError, match="'4bit', '8bit'"):
         check_quantization("3bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(ModelConfigError, match=r"needs bitsandbytes>=0\.48: pip install"):
+        check_quantization("4bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(__version__="0.43.3"))
+    with pytest.raises(ModelConfigError, match="this environment has 0.43.3"):
+        check_quantization("8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.SimpleNamespace(__version__="0.48.0.dev1"))
+    check_quantization("4bit")
+
+
+def test_4bit_language_model_loads_and_trains_lora_adapters_on_cpu(lm_dir):
+    """bitsandbytes runs NF4 layers on CPU: the QLoRA path (quantized load, k-bit preparation, adapters) is the
+    one a GPU runs."""
+    from bitsandbytes.nn import Linear4bit
+
+    model, tok = build_llark(LlarkConfig(lm_path=str(lm_dir), encoder_dim=8), dtype="float32", quantization="4bit",
+                             attn_implementation="eager")
+    assert isinstance(model.lm.model.layers[0].self_attn.q_proj, Linear4bit)
+    with pytest.raises(ModelConfigError, match="only be trained with LoRA"):
+        configure_training(model, "full", gradient_checkpointing=False)
+    configure_training(model, "lora", LoraSettings(r=4), gradient_checkpointing=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or n.startswith("projector.") for n in trained)
 
 
 def test_missing_model_directory_says_what_to_provide(tmp_path):

@@ -282,17 +282,83 @@ def test_resume_after_kill_gives_the_same_loss_curve(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_two_processes_zero2(tmp_path, shards):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_two_processes_zero2(tmp_path, shards, dtype):
+    import torch
+    from safetensors import safe_open
+
     out = tmp_path / "ddp"
     result = run_train(out, shards, nproc=2, timeout=400,
-                       **{"optim.max_steps": 10, "save_every": 10, "data.num_workers": 1})
-    assert "2 processes, global batch 4 = micro-batch 2 x grad-accum 1 x world size 2; ZeRO-2" in result.stdout
+                       **{"optim.max_steps": 10, "save_every": 10, "data.num_workers": 1, "model.dtype": dtype})
+    assert f"2 processes, global batch 4 = micro-batch 2 x grad-accum 1 x world size 2; ZeRO-2, {dtype}" in result.stdout
     curve = losses(out)
     assert sorted(curve) == list(range(1, 11))
     assert sum(curve[s] for s in (8, 9, 10)) < sum(curve[s] for s in (1, 2, 3)) - 1.0, curve
+    checkpoint = out / "checkpoints" / "step_00000010"
     for rank in (0, 1):
-        state = json.loads((out / "checkpoints" / "step_00000010" / f"rank_{rank:05d}.json").read_text())
+        state = json.loads((checkpoint / f"rank_{rank:05d}.json").read_text())
         assert state["loader"]["positions"]
+    with safe_open(str(out / "final" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {getattr(torch, dtype)}
+    if dtype == "bfloat16":
+        # bf16 weights, and each rank's partition of the fp32 master copy that the optimizer updates.
+        masters = 0
+        for rank in (0, 1):
+            (optim,) = checkpoint.glob(f"bf16_zero_pp_rank_{rank}_*optim_states.pt")
+            groups = torch.load(optim, weights_only=False)["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+            assert all(g.dtype == torch.float32 for g in groups)
+            masters += sum(g.numel() for g in groups)
+        counts = result.stdout.split("trainable parameters: projector ")[1].split(";")[0]  # "1,088, LM 163,264"
+        trained = sum(int(n.replace(",", "")) for n in counts.split(", LM "))
+        assert trained <= masters < trained + 64  # partitions are padded for alignment
+
+
+@pytest.mark.slow
+def test_qlora_trains_resumes_exactly_and_exports_full_precision_weights(tmp_path, shards):
+    """model.quantization 4bit + LoRA (bitsandbytes runs NF4 on CPU too). Checkpoints hold the trained weights
+    only; a resume continues the loss curve exactly (LoRA dropout included); the export is the base LM read
+    again in full precision with the adapters merged, loadable without bitsandbytes."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from llark.model import load_pretrained
+
+    settings = {"model.mode": "lora", "model.quantization": "4bit", "model.lora.r": 4, "optim.max_steps": 8,
+                "save_every": 4, "data.num_workers": 0}
+    straight = tmp_path / "straight"
+    result = run_train(straight, shards, **settings)
+    assert "mode lora (LM in 4bit)" in result.stdout
+    curve = losses(straight)
+    assert curve[8] < curve[1], curve
+
+    saved = torch.load(straight / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
+                       weights_only=False)["module"]
+    assert any(".lora_A." in k for k in saved) and "projector.weight" in saved
+    assert not any(k.endswith("embed_tokens.weight") or k.endswith("base_layer.weight") for k in saved)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    shutil.rmtree(resumed / "final")
+    metrics = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("".join(m + "\n" for m in metrics if json.loads(m)["step"] <= 4))
+    result = run_train(resumed, shards, **{**settings, "output_dir": str(resumed)})
+    assert "resuming at step 4" in result.stdout
+    assert losses(resumed) == curve
+
+    config = json.loads((straight / "final" / "config.json").read_text())
+    assert "quantization_config" not in config
+    base = load_file(str(tiny_lm_dir() / "model.safetensors"))
+    exported = load_file(str(straight / "final" / "model.safetensors"))
+    prefix = "lm.base_model.model.model.layers.0.self_attn.q_proj."
+    a, b = saved[prefix + "lora_A.default.weight"].float(), saved[prefix + "lora_B.default.weight"].float()
+    update = exported["model.layers.0.self_attn.q_proj.weight"] - base["model.layers.0.self_attn.q_proj.weight"]
+    assert update.abs().max() > 1e-3
+    torch.testing.assert_close(update, (16 / 4) * b @ a, rtol=0, atol=1e-6)  # lora alpha / r
+    model, _, _ = load_pretrained(straight / "final", dtype="float32")
+    assert type(model.lm.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 @pytest.mark.slow

@@ -19,8 +19,10 @@ An exported model is a Hugging Face directory (``save_pretrained`` with safetens
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 LLARK_CONFIG = "llark_config.json"
 PROJECTOR_FILE = "projector.safetensors"
@@ -177,24 +181,35 @@ def load_tokenizer(path: str | os.PathLike, audio_token: str = AUDIO_TOKEN):
     return tokenizer
 
 
+BITSANDBYTES_MIN = (0, 48)  # the first release whose 4-bit and 8-bit layers also run on CPU
+
+
 def check_quantization(quantization: str | None) -> None:
-    """4-bit/8-bit loading needs bitsandbytes and a CUDA GPU; say so before any weight is read."""
+    """4-bit/8-bit loading needs bitsandbytes; say so before any weight is read.
+
+    bitsandbytes >= 0.48 runs its 4-bit (NF4) and 8-bit layers on CPU too, slowly: QLoRA is meant for
+    one GPU, and CPU runs it only to check a configuration (and in the tests).
+    """
     if quantization is None:
         return
     if quantization not in ("4bit", "8bit"):
         raise ModelConfigError(f"quantization must be '4bit', '8bit' or null, got {quantization!r}")
+    needed = ".".join(map(str, BITSANDBYTES_MIN))
     if not torch.cuda.is_available():
-        raise ModelConfigError(
-            f"quantization={quantization!r} (QLoRA) needs a CUDA GPU and bitsandbytes>=0.43.3 "
-            "(pip install 'llark[gpu]'); this machine has no CUDA device. Train without quantization "
-            "(model.quantization: null) or run on a GPU node."
-        )
+        # On CPU it announces at import that an optional faster kernel package is absent.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError:
         raise ModelConfigError(
-            f"quantization={quantization!r} needs bitsandbytes>=0.43.3: pip install 'llark[gpu]'"
+            f"quantization={quantization!r} (QLoRA) needs bitsandbytes>={needed}: pip install 'llark[gpu]'"
         ) from None
+    version = tuple(int(x) for x in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if version < BITSANDBYTES_MIN:
+        raise ModelConfigError(f"quantization={quantization!r} needs bitsandbytes>={needed}, this environment has "
+                               f"{bitsandbytes.__version__}: pip install -U 'bitsandbytes>={needed}'")
+    if not torch.cuda.is_available():
+        log.warning("quantization=%s on CPU: bitsandbytes runs it, slowly; QLoRA is meant for one GPU", quantization)
 
 
 def load_language_model(
@@ -219,7 +234,9 @@ def load_language_model(
                                bnb_4bit_compute_dtype=DTYPES[dtype], bnb_4bit_quant_storage=DTYPES[dtype])
             if quantization == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
         )
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        # The quantized weights are made on the device they load to: this rank's GPU, or the CPU.
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        kwargs["device_map"] = {"": device}
     return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
@@ -420,6 +437,35 @@ def export_pretrained(
     exported = LlarkConfig(**{**asdict(config), "lm_path": "."})
     (out_dir / LLARK_CONFIG).write_text(exported.to_json(), encoding="utf-8")
     return out_dir
+
+
+def merge_adapters_into_full_precision(peft_lm: nn.Module, lm_path: str | os.PathLike, dtype: str) -> nn.Module:
+    """A plain LM: the base weights read again from ``lm_path`` unquantized, with ``peft_lm``'s LoRA adapters
+    merged in.
+
+    Merging into 4-bit or 8-bit weights would round the adapters' update away and leave a model that only
+    loads with bitsandbytes; QLoRA trains against the quantized base, but the model it exports is the
+    full-precision base plus that update. The token embeddings and the output layer (never quantized,
+    resized for the audio and pad tokens) are copied from the trained model.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    adapters = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_lm).items()}
+    trained = peft_lm.get_base_model()
+    base = load_language_model(lm_path, dtype, quantization=None)
+    base.resize_token_embeddings(trained.get_input_embeddings().num_embeddings, mean_resizing=False)
+    with torch.no_grad():
+        for mine, theirs in ((base.get_input_embeddings(), trained.get_input_embeddings()),
+                             (base.get_output_embeddings(), trained.get_output_embeddings())):
+            mine.weight.copy_(theirs.weight.to(mine.weight.dtype).cpu())
+    lora_config = peft_lm.peft_config["default"]
+    merged = get_peft_model(base, lora_config)
+    outcome = set_peft_model_state_dict(merged, adapters)
+    missing = [k for k in outcome.missing_keys if "lora_" in k]
+    if missing or outcome.unexpected_keys:
+        raise ModelConfigError(f"the LoRA adapters do not fit the base model at {lm_path}: missing {missing[:3]}, "
+                               f"unexpected {list(outcome.unexpected_keys)[:3]}")
+    return merged.merge_and_unload()
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "bfloat16", attn_implementation: str | None = "sdpa"):
