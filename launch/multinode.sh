@@ -2,7 +2,9 @@
 # Multi-node training with the deepspeed launcher (e.g. 2 nodes x 4 A100), from the first node:
 #   bash launch/multinode.sh launch/hostfile launch/llama2_7b_chat.yaml [--set KEY=VALUE ...]
 # Checks ssh to every host first, writes .deepspeed_env (variables the launcher exports on every
-# node), then starts `python -m llark.train` on all of them. Same paths and virtualenv on every node.
+# node), then starts `python -m llark.train` on all of them through the deepspeed launcher (pdsh).
+# Same paths and virtualenv on every node; PYTHON names its interpreter (default .venv/bin/python).
+# Put settings in the YAML config: the remote shell pdsh runs strips the quotes of a --set value.
 set -euo pipefail
 HOSTFILE=${1:?usage: multinode.sh HOSTFILE CONFIG [--set KEY=VALUE ...]}
 CONFIG=${2:?usage: multinode.sh HOSTFILE CONFIG [--set KEY=VALUE ...]}
@@ -33,5 +35,5 @@ done
   echo "TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 } > .deepspeed_env
 
-exec deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --master_addr "$MASTER_ADDR" \
-  --master_port "$MASTER_PORT" -m llark.train --config "$CONFIG" "$@"
+exec "${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --master_addr "$MASTER_ADDR" \
+  --master_port "$MASTER_PORT" --module llark.train --config "$CONFIG" "$@"

@@ -6,8 +6,8 @@ One process (CPU, DeepSpeed on gloo; the demo)::
 
 One node with 4 GPUs, or several nodes (see launch/README.md for the hostfile, SLURM and NCCL)::
 
-    deepspeed --num_gpus 4 -m llark.train --config launch/llama2_7b_chat.yaml
-    deepspeed --hostfile launch/hostfile --num_nodes 2 --num_gpus 4 -m llark.train --config launch/llama2_7b_chat.yaml
+    deepspeed --num_gpus 4 --module llark.train --config launch/llama2_7b_chat.yaml
+    deepspeed --hostfile launch/hostfile --num_nodes 2 --num_gpus 4 --module llark.train --config launch/llama2_7b_chat.yaml
 
 The defaults are the paper's (section 5 and appendix J): AdamW (0.9, 0.999), eps 1e-6, no weight
 decay, cosine schedule with 3,000 warmup steps to 5e-5, 100k steps, global batch 32
@@ -30,6 +30,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -301,6 +302,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_shared_directory(directory: Path, patience_s: float = 10.0) -> None:
+    """Every rank writes its part of a checkpoint into ``directory`` and every rank resumes from it, so on
+    several nodes it must be one directory that all of them see. Rank 0 leaves a marker; a rank that
+    cannot see it (within ``patience_s``, for network filesystems' caches) fails the run on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    token = [secrets.token_hex(8) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = directory / f".shared-check-{token[0]}"
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    dist.barrier()
+    deadline = time.monotonic() + patience_s
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (socket.gethostname(), marker.exists()))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (host, ok) in enumerate(seen) if not ok]
+    if blind:
+        raise TrainConfigError(f"output_dir {directory} is not shared by all processes ({', '.join(blind)} cannot "
+                               "see what rank 0 writes there): put it on a filesystem every node mounts at the "
+                               "same path, or checkpoints cannot be resumed")
+
+
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS
     if not root.is_dir():
@@ -372,6 +403,7 @@ class TrainRecipe:
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        check_shared_directory(self.output_dir)
         self._seed(cfg.seed)  # the same on every rank while the model is built
 
         # 2. The shards (opened and checked in __init__) before the model: the projector's input

@@ -6,12 +6,31 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import socket
 import string
 import tarfile
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_env() -> dict[str, str]:
+    """The environment of a training subprocess: no launcher variables inherited, offline, one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # Meta's Llama 2 chat template, as shipped in Llama-2-7b-chat-hf's tokenizer_config.json.
 LLAMA2_CHAT_TEMPLATE = (

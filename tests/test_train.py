@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures_train import tiny_lm_dir, write_shards  # noqa: E402
+from fixtures_train import free_port, tiny_lm_dir, train_env, write_shards  # noqa: E402
 
 from llark.data import DataConfigError  # noqa: E402
 from llark.train import (  # noqa: E402
@@ -122,15 +121,36 @@ def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_
         TrainRecipe(cfg)
 
 
+def _check_directory_on_rank(rank: int, directories: list[str], port: int) -> None:
+    import torch.distributed as dist
+
+    from llark.train import check_shared_directory
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        check_shared_directory(Path(directories[rank]), patience_s=0.5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_output_dir_must_be_shared_by_every_rank(tmp_path, shared):
+    """On several nodes each rank sees its own local disk unless output_dir is on a shared filesystem; two
+    directories stand for two nodes' disks here."""
+    import torch.multiprocessing as mp
+
+    directories = [str(tmp_path / "a"), str(tmp_path / ("a" if shared else "b"))]
+    if shared:
+        mp.start_processes(_check_directory_on_rank, args=(directories, free_port()), nprocs=2, start_method="fork")
+        assert list((tmp_path / "a").iterdir()) == []  # the marker is removed
+    else:
+        with pytest.raises(mp.ProcessRaisedException, match="not shared by all processes \\(rank 1 on "):
+            mp.start_processes(_check_directory_on_rank, args=(directories, free_port()), nprocs=2,
+                               start_method="fork")
+
+
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed on CPU (slow: each process starts DeepSpeed; the comm op compiles once per machine)
-
-
-def train_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-    return env
 
 
 def train_args(out: Path, shards: Path, **overrides) -> list[str]:
@@ -145,12 +165,6 @@ def train_args(out: Path, shards: Path, **overrides) -> list[str]:
     for key, value in settings.items():
         args += ["--set", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_processes(command: list[str], timeout: int) -> subprocess.CompletedProcess:
