@@ -105,3 +105,33 @@ def test_multinode_script_refuses_a_host_it_cannot_reach(tmp_path, shards):
     assert result.returncode == 1
     assert "cannot ssh to unreachable-node without a password" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_accelerate_config_trains_on_two_machines(tmp_path, shards):
+    """launch/accelerate_config.yaml as written for 2 nodes, with one process per "machine": the two
+    `accelerate launch` commands a user runs on the two nodes, run side by side here."""
+    root = checkout(tmp_path, shards)
+    port = str(free_port())
+    env = {**train_env(), "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    machines = [
+        subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          "launch/accelerate_config.yaml", "--num_machines", "2", "--num_processes", "2",
+                          "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                          "-m", "llark.train", "--config", "config.yaml"],
+                         cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for machine in machines:
+            outputs.append(machine.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+        for machine in machines:
+            os.killpg(machine.pid, signal.SIGKILL)
+        pytest.fail("no result after 400 s (a hung rank?)")
+    for machine, output in zip(machines, outputs):
+        assert machine.returncode == 0, output[-4000:]
+    assert_two_ranks_trained(outputs[0], tmp_path / "out")
+    assert "train: " not in outputs[1]  # rank 1 trains quietly: one log, from rank 0
