@@ -492,8 +492,8 @@ def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:
     workers = stream.s.num_workers
     # Starting an iterator draws a seed; from the global generator that draw would shift the dropout masks
     # of a resumed run (whose RNG state was restored before the loader starts) against an uninterrupted one.
-    # The stream shuffles with its own seeded generators, so this seed is otherwise unused.
-    own_generator = torch.Generator().manual_seed(stream.s.seed)
+    # The stream shuffles with its own seeded generators; this seed only seeds the workers' torch RNGs.
+    own_generator = torch.Generator().manual_seed(stream.s.seed * 1_000_003 + stream.s.rank)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None, persistent_workers=False,
