@@ -121,6 +121,23 @@ def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_
         TrainRecipe(cfg)
 
 
+def test_frozen_lm_checkpoints_load_back_their_trained_weights_only():
+    import torch
+
+    from llark.train import load_trained_weights
+
+    model = torch.nn.ModuleDict({"lm": torch.nn.Linear(4, 4), "projector": torch.nn.Linear(3, 4)})
+    model["lm"].requires_grad_(False)
+    frozen = model["lm"].weight.clone()
+    saved = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items() if k.startswith("projector.")}
+    load_trained_weights(saved, model)
+    assert torch.equal(model["projector"].weight, torch.full((4, 3), 7.0))
+    assert torch.equal(model["lm"].weight, frozen)
+    del saved["projector.bias"]
+    with pytest.raises(TrainConfigError, match=r"lacks 1 trained weights, e.g. \['projector.bias'\]"):
+        load_trained_weights(saved, model)
+
+
 def _check_directory_on_rank(rank: int, directories: list[str], port: int) -> None:
     import torch.distributed as dist
 
