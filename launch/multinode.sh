@@ -3,13 +3,15 @@
 #   bash launch/multinode.sh launch/hostfile launch/llama2_7b_chat.yaml [--set KEY=VALUE ...]
 # Checks ssh to every host first, writes .deepspeed_env (variables the launcher exports on every
 # node), then starts `python -m llark.train` on all of them through the deepspeed launcher (pdsh).
-# Same paths and virtualenv on every node; PYTHON names its interpreter (default .venv/bin/python).
+# Same paths and virtualenv on every node; PYTHON names its interpreter (default: .venv/bin/python,
+# else python3 on PATH).
 # Put settings in the YAML config: the remote shell pdsh runs strips the quotes of a --set value.
 set -euo pipefail
 HOSTFILE=${1:?usage: multinode.sh HOSTFILE CONFIG [--set KEY=VALUE ...]}
 CONFIG=${2:?usage: multinode.sh HOSTFILE CONFIG [--set KEY=VALUE ...]}
 shift 2
 cd "$(dirname "$0")/.."
+source launch/select_python.sh
 
 HOSTS=$(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}')
 NUM_NODES=$(echo "$HOSTS" | wc -l)
@@ -35,5 +37,5 @@ done
   echo "TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 } > .deepspeed_env
 
-exec "${PYTHON:-.venv/bin/python}" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --master_addr "$MASTER_ADDR" \
+exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" --master_addr "$MASTER_ADDR" \
   --master_port "$MASTER_PORT" --module llark.train --config "$CONFIG" "$@"

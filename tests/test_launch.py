@@ -49,7 +49,7 @@ def checkout(tmp_path: Path, shards: Path) -> Path:
 
 
 def run_script(root: Path, command: list[str], env: dict[str, str], timeout: int = 400) -> str:
-    env = {**train_env(), **env, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()),
+    env = {**train_env(), **env, "MASTER_PORT": str(free_port()),
            "PATH": os.pathsep.join([str(STAND_INS), str(Path(sys.executable).parent), os.environ["PATH"]])}
     proc = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -79,6 +79,9 @@ def test_slurm_script_trains_on_two_nodes(tmp_path, shards, launcher):
     root = checkout(tmp_path, shards)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.1,localhost", "SLURM_JOB_NUM_NODES": "2",
              "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "1", "LAUNCHER": launcher}
+    if launcher == "srun":
+        slurm["PYTHON"] = sys.executable
+    # else the checkout has no .venv: the scripts fall back to python3 on PATH (this interpreter's).
     output = run_script(root, ["bash", "launch/slurm.sbatch", "config.yaml"], slurm)
     hostfile = root / "runs" / "slurm-4242.hostfile"
     assert hostfile.read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
@@ -105,6 +108,28 @@ def test_multinode_script_refuses_a_host_it_cannot_reach(tmp_path, shards):
     assert result.returncode == 1
     assert "cannot ssh to unreachable-node without a password" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_launch_scripts_name_the_missing_interpreter(tmp_path):
+    root = tmp_path / "checkout"
+    shutil.copytree(REPO / "launch", root / "launch")
+    bin_dir = tmp_path / "bin"  # bash only: no python3 on PATH
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "mkdir"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", "-c", "source launch/select_python.sh && echo $PYTHON"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "no Python found; set PYTHON" in result.stderr
+    (root / ".venv" / "bin").mkdir(parents=True)
+    (root / ".venv" / "bin" / "python").symlink_to(sys.executable)
+    result = subprocess.run(["bash", "-c", "source launch/select_python.sh && echo $PYTHON"], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == ".venv/bin/python"
+    result = subprocess.run(["bash", "-c", "source launch/select_python.sh && echo $PYTHON"], cwd=root,
+                            env={**env, "PYTHON": "/opt/env/bin/python"}, capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "/opt/env/bin/python"
 
 
 @pytest.mark.slow
