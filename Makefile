@@ -96,6 +96,7 @@ bench: setup
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/plan_memory.py
 	$(BIN)/python benchmarks/scale.py
 
 clean:

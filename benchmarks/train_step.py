@@ -6,7 +6,7 @@
 Side by side, on the same model weights and the same batches, alternating so that drift (other
 processes, thermal) hits both alike:
 
-- ``bare``: ``lm(input_ids, attention_mask, labels).loss``, backward, AdamW step (batches collated
+- ``bare``: ``lm(input_ids, attention_mask, labels).loss``, backward, fused AdamW step (batches collated
   beforehand; the audio placeholders are looked up as ordinary tokens);
 - ``llark``: collate the examples, project the frames and replace the placeholders, the same LM
   forward, backward, AdamW step over the LM and the projector;
@@ -135,8 +135,9 @@ def main() -> None:
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in pre)
 
     bare_lm = _copy_lm(model)
-    bare_opt = torch.optim.AdamW(bare_lm.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
+    adamw = dict(lr=1e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, fused=True)  # as llark train's
+    bare_opt = torch.optim.AdamW(bare_lm.parameters(), **adamw)
+    opt = torch.optim.AdamW(model.parameters(), **adamw)
     model.train(), bare_lm.train()
 
     def bare_step(i):
@@ -218,7 +219,8 @@ def _deepspeed_step(model, examples, pad_id):
     config = {"train_batch_size": len(examples[0]), "train_micro_batch_size_per_gpu": len(examples[0]),
               "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2, "overlap_comm": False},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-6,
-                                                        "weight_decay": 0.0, "torch_adam": True}},
+                                                        "weight_decay": 0.0, "torch_adam": True,
+                                                        "fused": True}},
               "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=ds_model, model_parameters=list(ds_model.parameters()), config=config)
 

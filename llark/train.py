@@ -246,8 +246,9 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int, world_size: int, path: s
     ds["optimizer"] = {"type": "AdamW", "params": {
         "lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
         "weight_decay": cfg.optim.weight_decay,
-        # torch's AdamW needs no compiled op; CPU offload needs DeepSpeed's CPU Adam.
-        **({} if offload else {"torch_adam": True}),
+        # torch's AdamW needs no compiled op; CPU offload needs DeepSpeed's CPU Adam. Fused, it updates
+        # in place: the default (foreach) takes another fp32 copy of the optimizer's partition at each step.
+        **({} if offload else {"torch_adam": True, "fused": True}),
     }}
     ds.setdefault("steps_per_print", 10**9)
     if world_size > 1 and zero.get("stage") == 2 and zero.get("overlap_comm"):

@@ -86,6 +86,8 @@ def test_every_launch_config_loads():
                                   str(json_path))
             assert ds["train_batch_size"] == cfg.global_batch and ds["optimizer"]["type"] == "AdamW"
             assert ds["optimizer"]["params"]["betas"] == list(cfg.optim.betas)
+            # torch's fused AdamW on the GPU (no extra fp32 copy per step); DeepSpeed's CPU Adam when offloaded.
+            assert ds["optimizer"]["params"].get("fused", False) is ("offload" not in json_path.name)
             stage = ds["zero_optimization"]["stage"]
             assert stage in (2, 3)
             if stage == 3:
@@ -417,12 +419,36 @@ def test_memory_plan():
     assert z2.parts["weights"] == pytest.approx(2 * (shape.params + 4800 * 4096 + 4096))
     assert z3.parts["weights"] == pytest.approx(z2.parts["weights"] / 4)
     assert z2.parts["optimizer"] == pytest.approx(12 * z2.trained_params / 4)
+    # The fp32 gradient partition the step reads, and DeepSpeed's default reduction bucket of 5e8 bf16 elements.
+    assert z2.parts["buffers"] == pytest.approx(4 * z2.trained_params / 4 + 2 * 5e8)
+    overlap = plan_memory(shape, zero_stage=2, micro_batch=1, seq_len=1024, gpus=4, overlap_comm=True)
+    assert overlap.parts["buffers"] - z2.parts["buffers"] == pytest.approx(2 * 5e8)
+    # ZeRO-3 gathers its largest module (the 32000 x 4096 embedding) and prefetches the next.
+    assert z3.parts["buffers"] - z2.parts["buffers"] == pytest.approx(2 * (32_000 * 4096 + 5e7))
     qlora = plan_memory(shape, zero_stage=2, micro_batch=1, seq_len=1024, gpus=1, mode="lora", quantization="4bit")
     assert qlora.total < 24 * GB < z2.total
     offload = plan_memory(shape, zero_stage=2, gpus=4, offload_optimizer=True)
-    assert offload.parts["optimizer"] == 0 and offload.cpu_bytes > 0
+    assert offload.parts["optimizer"] == 0 and offload.cpu_bytes == pytest.approx(16 * offload.trained_params / 4)
+    assert offload.parts["buffers"] == pytest.approx(2 * 5e8)
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_memory(shape, zero_stage=2, offload_params=True)
+
+
+def test_memory_plan_reads_the_launch_deepspeed_configs(capsys):
+    from llark.cli import main
+    from llark.model.memory import deepspeed_settings
+
+    assert deepspeed_settings(REPO / "launch" / "zero2.json") == {
+        "zero_stage": 2, "offload_optimizer": False, "offload_params": False, "reduce_bucket_size": 5e8,
+        "overlap_comm": False, "prefetch_bucket_size": 5e7}
+    z3 = deepspeed_settings(REPO / "launch" / "zero3_offload.json")
+    assert z3["zero_stage"] == 3 and z3["offload_optimizer"] and z3["offload_params"] and z3["overlap_comm"]
+    assert main(["plan", "--deepspeed", str(REPO / "launch" / "zero3_offload.json"), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama2-7b, ZeRO-3, offloaded: optimizer and parameters, mode full")
+    assert "GB of host memory per GPU" in out
+    assert main(["plan", "--deepspeed", str(REPO / "launch" / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_launch_scripts_parse():

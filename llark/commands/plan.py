@@ -33,6 +33,9 @@ def register(sub) -> None:
                    help="keep every layer's activations")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer state in host memory")
     p.add_argument("--offload-params", action="store_true", help="parameters in host memory (ZeRO-3)")
+    p.add_argument("--deepspeed", type=Path, default=None, metavar="JSON",
+                   help="take the ZeRO stage, offload and bucket sizes from this DeepSpeed config "
+                        "(e.g. launch/zero3.json) instead of --zero and --offload-*")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GB, to say whether it fits")
     g = p.add_argument_group("full-run cost (--pipeline)")
     g.add_argument("--pipeline", type=Path, default=None, metavar="RUN_DIR",
@@ -51,17 +54,23 @@ def run(args) -> int:
 
     if args.pipeline is not None:
         return run_pipeline_plan(args)
-    from llark.model.memory import MODELS, format_plan, plan_memory
+    from llark.model.memory import MODELS, deepspeed_settings, format_plan, plan_memory
 
+    zero = {"zero_stage": args.zero, "offload_optimizer": args.offload_optimizer,
+            "offload_params": args.offload_params}
     try:
-        plan = plan_memory(MODELS[args.model], args.zero, args.micro_batch, args.seq_len, args.gpus, args.mode,
-                           args.lora_rank, args.encoder_dim, args.quantization, args.checkpointing,
-                           args.offload_optimizer, args.offload_params)
-    except ValueError as exc:
+        if args.deepspeed is not None:
+            zero = deepspeed_settings(args.deepspeed)
+        plan = plan_memory(MODELS[args.model], micro_batch=args.micro_batch, seq_len=args.seq_len, gpus=args.gpus,
+                           mode=args.mode, lora_rank=args.lora_rank, encoder_dim=args.encoder_dim,
+                           quantization=args.quantization, gradient_checkpointing=args.checkpointing, **zero)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"llark plan: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.model}, ZeRO-{args.zero}, mode {args.mode}, micro-batch {args.micro_batch}, "
-          f"sequence {args.seq_len}, {args.gpus} GPUs")
+    offload = [name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_params"))
+               if zero[key]]
+    print(f"{args.model}, ZeRO-{zero['zero_stage']}{', offloaded: ' + ' and '.join(offload) if offload else ''}, "
+          f"mode {args.mode}, micro-batch {args.micro_batch}, sequence {args.seq_len}, {args.gpus} GPUs")
     print(format_plan(plan, args.gpu_memory))
     return 0
 

@@ -1,25 +1,35 @@
 """Per-GPU memory of a training run, estimated before renting the GPUs (``llark plan``).
 
-Bytes per GPU for ``P`` parameters (``T`` of them trained) on ``N`` data-parallel GPUs, bf16 weights:
+Bytes per GPU for ``P`` parameters (``T`` of them trained) on ``N`` data-parallel GPUs, bf16 weights,
+as DeepSpeed holds them (ZeRO-0 is DeepSpeed's bf16 optimizer, N = 1 in the sharded terms):
 
 =============  =========================  ===================================================
-part           no ZeRO / ZeRO-2            ZeRO-3
+part           ZeRO-0/1/2                  ZeRO-3
 =============  =========================  ===================================================
 weights        2P (4-bit: 0.5P)            2P / N        (0 on the GPU with offload_param)
-gradients      2T / N (ZeRO-2)             2T / N
+gradients      2T (ZeRO-0/1), 2T / N (2)   2T / N
 optimizer      12T / N (fp32 master, m, v; 0 on the GPU with offload_optimizer)
+buffers        4T / N: the fp32 gradient partition the optimizer step reads (host memory
+               with offload_optimizer); the gradient reduction bucket, 2 · reduce_bucket_size
+               (twice with overlap_comm; none for ZeRO-0); ZeRO-3 also gathers one module's
+               weights and prefetches the next: 2 · (largest module + stage3_prefetch_bucket_size)
 activations    per layer 34·b·s·h (SDPA attention, no s² term; Korthikanti et al. 2022), all
                layers without checkpointing; with it, each layer's input (2·b·s·h) plus one layer
 logits         b·s·V · 10 (bf16 logits, their fp32 copy for the loss and its gradient)
 overhead       1.5 GB (CUDA context, allocator) + 10 % of the rest
 =============  =========================  ===================================================
 
-Estimates, not measurements: allow a margin of 10-20 % and check with a short run.
+The optimizer is torch's fused AdamW, as ``llark train`` configures it (the foreach one takes a
+further 4T / N at each step). ``benchmarks/plan_memory.py`` sets these terms beside the memory two
+DeepSpeed processes really take on CPU. Estimates, not measurements: allow a margin of 10-20 % and
+check with a short run.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 GB = 1024**3
 
@@ -59,7 +69,8 @@ class Plan:
 def plan_memory(shape: ModelShape, zero_stage: int = 2, micro_batch: int = 4, seq_len: int = 2048, gpus: int = 8,
                 mode: str = "full", lora_rank: int = 64, encoder_dim: int = 4800, quantization: str | None = None,
                 gradient_checkpointing: bool = True, offload_optimizer: bool = False,
-                offload_params: bool = False) -> Plan:
+                offload_params: bool = False, reduce_bucket_size: float = 5e8, overlap_comm: bool = False,
+                prefetch_bucket_size: float = 5e7) -> Plan:
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0-3, got {zero_stage}")
     if mode not in ("full", "projector", "lora"):
@@ -78,17 +89,40 @@ def plan_memory(shape: ModelShape, zero_stage: int = 2, micro_batch: int = 4, se
         weights = 0.0
     grads = 2 * trained / (gpus if zero_stage >= 2 else 1)
     optimizer = 12 * trained / (gpus if zero_stage >= 1 else 1)
+    fp32_gradients = 4 * trained / (gpus if zero_stage >= 1 else 1)
     if offload_optimizer:
-        cpu += optimizer
-        optimizer = 0.0
+        cpu += optimizer + fp32_gradients
+        optimizer = fp32_gradients = 0.0
+    buffers = fp32_gradients
+    if zero_stage >= 1:
+        buffers += 2 * reduce_bucket_size * (2 if overlap_comm else 1)
+    if zero_stage == 3:
+        largest_module = max(shape.vocab * shape.hidden, shape.hidden * shape.ffn, projector)
+        buffers += 2 * (largest_module + prefetch_bucket_size)
     b, s, h = micro_batch, seq_len, shape.hidden
     layer = 34 * b * s * h
     activations = (shape.layers * 2 * b * s * h + layer) if gradient_checkpointing else shape.layers * layer
     logits = 10 * b * s * shape.vocab
-    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
-             "logits": logits}
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers,
+             "activations": activations, "logits": logits}
     parts["overhead"] = 1.5 * GB + 0.1 * sum(parts.values())
     return Plan(parts=parts, cpu_bytes=cpu, trained_params=trained)
+
+
+def deepspeed_settings(path: str | Path) -> dict:
+    """``plan_memory``'s ZeRO arguments from a DeepSpeed JSON (DeepSpeed's defaults where it is silent)."""
+    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    zero = config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+
+    def offloaded(key: str) -> bool:
+        return (zero.get(key) or {}).get("device", "none") not in ("none", None)
+
+    return {"zero_stage": stage, "offload_optimizer": offloaded("offload_optimizer"),
+            "offload_params": offloaded("offload_param"),
+            "reduce_bucket_size": float(zero.get("reduce_bucket_size", 5e8)),
+            "overlap_comm": bool(zero.get("overlap_comm", stage == 3)),
+            "prefetch_bucket_size": float(zero.get("stage3_prefetch_bucket_size", 5e7))}
 
 
 def format_plan(plan: Plan, gpu_memory_gb: float | None = None) -> str:
