@@ -368,6 +368,29 @@ class TrainRecipe:
         self.writer = None
         self.wandb = None
 
+    def gpu_memory_warning(self, encoder_dim: int, gpu_bytes: float) -> str | None:
+        """Before any weight loads: what ``llark plan`` says of this run when it will not fit a GPU of
+        ``gpu_bytes`` (an estimate, so a warning, not a refusal)."""
+        from llark.model.llark import resolve_lm_path
+        from llark.model.memory import GB, plan_memory, shape_from_hf_config, zero_settings
+
+        cfg = self.cfg
+        lm_dir = Path(cfg.model.init_from) if cfg.model.init_from else resolve_lm_path(cfg.model.lm_path)
+        try:
+            shape = shape_from_hf_config(json.loads((lm_dir / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, KeyError):
+            return None  # not a Llama-like config.json: loading it says what is wrong
+        plan = plan_memory(shape, micro_batch=cfg.micro_batch, seq_len=cfg.data.max_seq_len, gpus=self.world_size,
+                           mode=cfg.model.mode, lora_rank=cfg.model.lora.r, encoder_dim=encoder_dim,
+                           quantization=cfg.model.quantization,
+                           gradient_checkpointing=cfg.model.gradient_checkpointing, **zero_settings(self.ds_config))
+        if plan.total <= 0.95 * gpu_bytes:
+            return None
+        parts = ", ".join(f"{name} {value / GB:.1f}" for name, value in plan.parts.items())
+        return (f"estimated {plan.total / GB:.1f} GB per GPU ({parts}), and this GPU has {gpu_bytes / GB:.1f} GB: "
+                f"expect out-of-memory. `llark plan` compares settings: ZeRO-3 or offload (deepspeed=launch/"
+                f"zero3.json, *_offload.json), more GPUs, a smaller micro_batch or data.max_seq_len, model.mode: lora")
+
     def _check_data(self) -> None:
         """The shards exist and their encoder fits the projector: refused here, before any weight loads."""
         from llark.data import check_encoder, open_shards
@@ -411,6 +434,10 @@ class TrainRecipe:
         # dimension comes from encoder.json.
         manifest = self.shards.manifest
         encoder_dim = cfg.model.encoder_dim or manifest["dim"]
+        if torch.cuda.is_available() and self.is_main:
+            warning = self.gpu_memory_warning(encoder_dim, torch.cuda.get_device_properties(self.local_rank).total_memory)
+            if warning:
+                log.warning(warning)
 
         # 3. Model and tokenizer; the encoder check runs before any weight is trained. A run that
         # resumes loads its projector from the checkpoint, so only a new one is initialised here.

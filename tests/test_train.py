@@ -123,6 +123,29 @@ def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_
         TrainRecipe(cfg)
 
 
+def test_a_run_that_will_not_fit_the_gpu_is_warned_before_any_weight_loads(tmp_path, shards, single_process_env):
+    from llark.model.memory import GB
+
+    lm_dir = tmp_path / "llama-2-7b"  # config.json only: nothing is loaded to estimate
+    lm_dir.mkdir()
+    (lm_dir / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
+    cfg = load_config(REPO / "launch" / "llama2_7b_chat.yaml",
+                      {"data.shards": [str(shards)], "model.encoder_dim": DIM, "model.lm_path": str(lm_dir),
+                       "global_batch": 4, "micro_batch": 4, "data.max_seq_len": 1024})
+    recipe = TrainRecipe(cfg)
+    warning = recipe.gpu_memory_warning(DIM, 40 * GB)  # a full 7B fine-tune on one 40 GB GPU
+    assert warning and "expect out-of-memory" in warning and "this GPU has 40.0 GB" in warning
+    assert recipe.gpu_memory_warning(DIM, 1000 * GB) is None
+    qlora = TrainRecipe(load_config(REPO / "launch" / "llama2_7b_chat.yaml", {
+        "data.shards": [str(shards)], "model.encoder_dim": DIM, "model.lm_path": str(lm_dir), "global_batch": 4,
+        "micro_batch": 1, "data.max_seq_len": 1024, "model.mode": "lora", "model.quantization": "4bit"}))
+    assert qlora.gpu_memory_warning(DIM, 24 * GB) is None
+    (lm_dir / "config.json").write_text("{}")  # not a Llama config: no estimate, no warning
+    assert recipe.gpu_memory_warning(DIM, 1 * GB) is None
+
+
 def test_frozen_lm_checkpoints_load_back_their_trained_weights_only():
     import torch
 
@@ -432,6 +455,19 @@ def test_memory_plan():
     assert offload.parts["buffers"] == pytest.approx(2 * 5e8)
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_memory(shape, zero_stage=2, offload_params=True)
+
+
+def test_model_shape_from_a_hugging_face_config():
+    from llark.model.memory import shape_from_hf_config
+
+    llama2_7b = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "intermediate_size": 11008, "num_hidden_layers": 32, "vocab_size": 32000, "tie_word_embeddings": False}
+    assert shape_from_hf_config(llama2_7b).params == 6_738_415_616  # Llama-2-7b's published count
+    tiny = json.loads((tiny_lm_dir() / "config.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir()))
+    assert shape_from_hf_config(tiny).params == sum(p.numel() for p in model.parameters())
 
 
 def test_memory_plan_reads_the_launch_deepspeed_configs(capsys):

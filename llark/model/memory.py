@@ -109,9 +109,25 @@ def plan_memory(shape: ModelShape, zero_stage: int = 2, micro_batch: int = 4, se
     return Plan(parts=parts, cpu_bytes=cpu, trained_params=trained)
 
 
+def shape_from_hf_config(config: dict) -> ModelShape:
+    """The shape of a Llama-architecture language model from its Hugging Face ``config.json``."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    layer = attention + 3 * hidden * config["intermediate_size"] + 2 * hidden
+    embeddings = config["vocab_size"] * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return ModelShape(params=float(embeddings + config["num_hidden_layers"] * layer + hidden), hidden=hidden,
+                      layers=config["num_hidden_layers"], vocab=config["vocab_size"], ffn=config["intermediate_size"])
+
+
 def deepspeed_settings(path: str | Path) -> dict:
     """``plan_memory``'s ZeRO arguments from a DeepSpeed JSON (DeepSpeed's defaults where it is silent)."""
-    config = json.loads(Path(path).read_text(encoding="utf-8"))
+    return zero_settings(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def zero_settings(config: dict) -> dict:
+    """``plan_memory``'s ZeRO arguments from a DeepSpeed config (DeepSpeed's defaults where it is silent)."""
     zero = config.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
 
