@@ -1,7 +1,7 @@
 """Cost of LLark's training step against a bare Hugging Face step, the loader alone, and peak memory.
 
     .venv/bin/python benchmarks/train_step.py [--model smollm2|tiny] [--steps 8] [--micro-batch 4]
-        [--frames 150] [--dim 128] [--deepspeed] [--loader-examples 2000]
+        [--frames 150] [--dim 128] [--deepspeed] [--loader-examples 2000] [--system-malloc]
 
 Side by side, on the same model weights and the same batches, alternating so that drift (other
 processes, thermal) hits both alike:
@@ -12,6 +12,10 @@ processes, thermal) hits both alike:
   forward, backward, AdamW step over the LM and the projector;
 - ``llark+deepspeed`` (``--deepspeed``): the same through the DeepSpeed engine (ZeRO-2, one process),
   as ``llark train`` runs it.
+
+All paths run under the host allocator setting ``llark train`` uses on CPU (freed buffers stay in
+the heap, ``retain_freed_cpu_memory``); ``--system-malloc`` leaves glibc's default (large blocks
+unmapped when freed) to show what that setting saves.
 
 Then the loader alone on one core (read tar shards, decode, render the chat template, tokenize,
 label, collate) in examples/s, wall-clock and per CPU second (the rate with a core to itself, which
@@ -102,7 +106,14 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128, help="encoder dimension (demo features: 128; Jukebox: 4800)")
     ap.add_argument("--deepspeed", action="store_true", help="also time the step through the DeepSpeed engine")
     ap.add_argument("--loader-examples", type=int, default=2000)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's default allocator behaviour (llark train's retain_freed_cpu_memory: false)")
     args = ap.parse_args()
+
+    from llark.train import retain_freed_host_memory
+
+    heap = "glibc default" if args.system_malloc else (
+        "freed buffers retained" if retain_freed_host_memory() else "glibc default (no mallopt here)")
 
     from llark.data import ExampleEncoder, ShardStream, StreamSettings, collate, open_shards
     from llark.model import ChatFormatter
@@ -172,7 +183,7 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"model {args.model}: {sum(p.numel() for p in model.lm.parameters()):,} LM parameters; micro-batch "
           f"{args.micro_batch}, {tokens:.0f} tokens per batch on average ({args.frames} audio frames x {args.dim}); "
-          f"{torch.get_num_threads()} threads; {args.steps} timed steps per path")
+          f"{torch.get_num_threads()} threads; {args.steps} timed steps per path; host heap: {heap}")
     base, cpu_base = statistics.median(times["bare"]), statistics.median(cpu_times["bare"])
     for name, ts in times.items():
         med, cpu = statistics.median(ts), statistics.median(cpu_times[name])
