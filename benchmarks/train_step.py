@@ -113,7 +113,7 @@ def main() -> None:
     from llark.train import retain_freed_host_memory
 
     heap = "glibc default" if args.system_malloc else (
-        "freed buffers retained" if retain_freed_host_memory() else "glibc default (no mallopt here)")
+        "freed buffers retained" if retain_freed_host_memory() else "C library default (retaining had no effect here)")
 
     from llark.data import ExampleEncoder, ShardStream, StreamSettings, collate, open_shards
     from llark.model import ChatFormatter

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -281,24 +282,52 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
-def retain_freed_host_memory() -> bool:
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULT_TRIM_THRESHOLD, _GLIBC_DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def retain_freed_host_memory(probe_bytes: int = 128 << 20) -> bool:
     """Serve large blocks from the heap and keep it when they are freed, instead of unmapping them.
 
     ZeRO allocates its gradient bucket and gradient partition afresh at every step. On CPU, glibc
     serves blocks over 32 MB with mmap and returns them to the OS when freed, so each step
     page-faults a few times the model's fp32 size back in: for SmolLM2-135M that was 40% of a
     DeepSpeed step (benchmarks/train_step.py). GPU memory has a caching allocator; this is its
-    host-side counterpart. False where the C library has no mallopt (not glibc).
+    host-side counterpart.
+
+    True only when it took effect: a block of ``probe_bytes`` (above glibc's largest mmap threshold
+    and its 64 MB per-thread heap), freed and allocated again, comes back without page faults. False,
+    with glibc's defaults back in place, where the C library has no mallopt (not glibc) or the block
+    still faults back in (an allocator that unmaps freed memory whatever mallopt says).
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    m_trim_threshold, m_mmap_max = -1, -4
     # mallopt takes an int; glibc stores the trim threshold as size_t, so -1 is "never trim" (a ZeRO
     # bucket of 5e8 fp32 elements is 2 GB, at the largest int).
-    return all([mallopt(m_mmap_max, 0), mallopt(m_trim_threshold, -1)])
+    if all([mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1)]) and \
+            page_faults_reallocating(probe_bytes) < probe_bytes // 4096 // 100:
+        return True
+    mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+    mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+    return False
+
+
+def page_faults_reallocating(nbytes: int) -> int:
+    """Page faults this process takes to write a block of ``nbytes`` allocated again just after one of
+    the same size was written and freed: ~nbytes/4096 where freed memory goes back to the OS, ~0
+    where it is kept."""
+    def write_and_free() -> None:
+        block = torch.empty(nbytes, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+
+    write_and_free()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    write_and_free()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def rng_state() -> dict[str, Any]:
@@ -450,9 +479,14 @@ class TrainRecipe:
             if cfg.tf32:
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
-        elif cfg.retain_freed_cpu_memory and retain_freed_host_memory():
-            self._print("train: on CPU, freed buffers stay in this process's heap (retain_freed_cpu_memory), so "
-                        "DeepSpeed's per-step gradient buffers are not page-faulted back in at every step")
+        elif cfg.retain_freed_cpu_memory:
+            if retain_freed_host_memory():
+                self._print("train: on CPU, freed buffers stay in this process's heap (retain_freed_cpu_memory), "
+                            "so DeepSpeed's per-step gradient buffers are not page-faulted back in at every step")
+            else:
+                self._print("train: on CPU, this C library returns freed buffers to the OS whatever it is told "
+                            "(retain_freed_cpu_memory had no effect), so DeepSpeed's per-step gradient buffers "
+                            "are page-faulted back in at every step")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         check_shared_directory(self.output_dir)
         self._seed(cfg.seed)  # the same on every rank while the model is built
