@@ -110,10 +110,10 @@ def main() -> None:
                     help="leave glibc's default allocator behaviour (llark train's retain_freed_cpu_memory: false)")
     args = ap.parse_args()
 
-    from llark.train import retain_freed_host_memory
+    from llark.host_memory import RetainedHeap
 
     heap = "glibc default" if args.system_malloc else (
-        "freed buffers retained" if retain_freed_host_memory() else "C library default (retaining had no effect here)")
+        "freed buffers retained" if RetainedHeap.enable() else "C library default (retaining had no effect here)")
 
     from llark.data import ExampleEncoder, ShardStream, StreamSettings, collate, open_shards
     from llark.model import ChatFormatter

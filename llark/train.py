@@ -24,14 +24,12 @@ Hugging Face directory that ``llark ask`` loads, ``cleanup`` closes what was ope
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import math
 import os
 import random
 import re
-import resource
 import secrets
 import shutil
 import socket
@@ -43,6 +41,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llark.host_memory import RetainedHeap
 
 log = logging.getLogger("llark")
 
@@ -282,54 +282,6 @@ def distributed_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_GLIBC_DEFAULT_TRIM_THRESHOLD, _GLIBC_DEFAULT_MMAP_MAX = 128 * 1024, 65536
-
-
-def retain_freed_host_memory(probe_bytes: int = 128 << 20) -> bool:
-    """Serve large blocks from the heap and keep it when they are freed, instead of unmapping them.
-
-    ZeRO allocates its gradient bucket and gradient partition afresh at every step. On CPU, glibc
-    serves blocks over 32 MB with mmap and returns them to the OS when freed, so each step
-    page-faults a few times the model's fp32 size back in: for SmolLM2-135M that was 40% of a
-    DeepSpeed step (benchmarks/train_step.py). GPU memory has a caching allocator; this is its
-    host-side counterpart.
-
-    True only when it took effect: a block of ``probe_bytes`` (above glibc's largest mmap threshold
-    and its 64 MB per-thread heap), freed and allocated again, comes back without page faults. False,
-    with glibc's defaults back in place, where the C library has no mallopt (not glibc) or the block
-    still faults back in (an allocator that unmaps freed memory whatever mallopt says).
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt takes an int; glibc stores the trim threshold as size_t, so -1 is "never trim" (a ZeRO
-    # bucket of 5e8 fp32 elements is 2 GB, at the largest int).
-    if all([mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, -1)]) and \
-            page_faults_reallocating(probe_bytes) < probe_bytes // 4096 // 100:
-        return True
-    mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-    mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
-    return False
-
-
-def page_faults_reallocating(nbytes: int) -> int:
-    """Page faults this process takes to write a block of ``nbytes`` allocated again just after one of
-    the same size was written and freed: ~nbytes/4096 where freed memory goes back to the OS, ~0
-    where it is kept."""
-    def write_and_free() -> None:
-        block = torch.empty(nbytes, dtype=torch.uint8)
-        block.fill_(1)
-        del block
-
-    write_and_free()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    write_and_free()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -402,6 +354,7 @@ class TrainRecipe:
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = distributed_env()
         self.is_main = self.rank == 0  # logs, metrics, shared files
+        self.retained_heap: RetainedHeap | None = None
         self.grad_accum = cfg.grad_accum_for(self.world_size)
         self.ds_config = deepspeed_config(cfg, self.grad_accum, self.world_size,
                                           os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"))
@@ -480,13 +433,13 @@ class TrainRecipe:
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
         elif cfg.retain_freed_cpu_memory:
-            if retain_freed_host_memory():
-                self._print("train: on CPU, freed buffers stay in this process's heap (retain_freed_cpu_memory), "
-                            "so DeepSpeed's per-step gradient buffers are not page-faulted back in at every step")
-            else:
-                self._print("train: on CPU, this C library returns freed buffers to the OS whatever it is told "
-                            "(retain_freed_cpu_memory had no effect), so DeepSpeed's per-step gradient buffers "
-                            "are page-faulted back in at every step")
+            self.retained_heap = RetainedHeap.enable()
+            self._print("train: on CPU, freed buffers stay in this process's heap (retain_freed_cpu_memory), so "
+                        "DeepSpeed's per-step gradient buffers are not page-faulted back in at every step"
+                        if self.retained_heap else
+                        "train: on CPU, this C library returns freed buffers to the OS whatever it is told "
+                        "(retain_freed_cpu_memory had no effect), so DeepSpeed's per-step gradient buffers are "
+                        "page-faulted back in at every step")
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         check_shared_directory(self.output_dir)
         self._seed(cfg.seed)  # the same on every rank while the model is built
@@ -631,6 +584,11 @@ class TrainRecipe:
                 window["samples"] += len(batch["keys"])
                 window["skipped"] += batch["skipped"]
             self.step += 1
+            if self.retained_heap and self.retained_heap.after_step():
+                print(f"train: rank {self.rank}: the heap grew at each of the last {self.retained_heap.patience} "
+                      "steps, so freed buffers were not being reused; returned them to the OS and went back to "
+                      "the C library's defaults (retain_freed_cpu_memory)", flush=True)
+                self.retained_heap = None
             window["loss"] += step_loss  # this rank's share of the step's mean; _log sums over ranks
             window["steps"] += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.optim.max_steps:
