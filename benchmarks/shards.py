@@ -79,7 +79,7 @@ def make_inputs(root: Path, samples: int) -> int:
         instructions.append(json.dumps({
             "id": f"{cid}-understanding", "clip_id": cid, "task_family": "understanding",
             "pairs": [{"question": "What is the tempo of this song?", "answer": "About 120 BPM, a moderate pace."}] * 6,
-            "backend": "template", "model": "none", "prompt_version": "1"}))
+            "backend": "template", "model": "none", "prompt_version": "1", "dataset": "bench", "split": "train"}))
     (root / "clips.jsonl").write_text("\n".join(clips) + "\n")
     (emb / "embeddings.jsonl").write_text("\n".join(records) + "\n")
     (root / "instructions.jsonl").write_text("\n".join(instructions) + "\n")

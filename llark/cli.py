@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.runner import RunAborted, StageConfigError, describe_os_error, disk_remedy, is_disk_failure
+    from pipeline.files import describe_os_error, is_disk_failure
+    from pipeline.runner import RunAborted, StageConfigError, disk_remedy
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -47,11 +47,11 @@ import torch
 
 from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
 from llark.model.llark import pool_frames
+from pipeline.contracts import INDEX_JSON
 from pipeline.shard_reader import iter_samples
 
 log = logging.getLogger("llark")
 
-INDEX_JSON = "index.json"
 CONVERSATIONS = ("pair", "multi_turn")
 
 

@@ -43,6 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llark.host_memory import RetainedHeap
+from pipeline.files import check_same_settings, write_json
 
 log = logging.getLogger("llark")
 
@@ -201,16 +202,6 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None
         raise TrainConfigError(f"invalid training config ({path or 'defaults'}): {problems}") from None
 
 
-def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "lora":
-            out.update(flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
     """Linear warmup to the peak over ``warmup`` steps, then cosine decay to ``min_ratio`` x peak at ``total``."""
     if step < warmup:
@@ -300,12 +291,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def check_shared_directory(directory: Path, patience_s: float = 10.0) -> None:
@@ -510,7 +495,7 @@ class TrainRecipe:
         # 7. Logging, on rank 0.
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.output_dir / "config.json", cfg.model_dump(mode="json"))
+            write_json(self.output_dir / "config.json", cfg.model_dump(mode="json"))
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -659,15 +644,15 @@ class TrainRecipe:
         path = root / tag
         self.engine.save_checkpoint(str(root), tag=tag, save_latest=False,
                                     exclude_frozen_parameters=self._saves_trained_weights_only)
-        write_json_atomic(path / f"rank_{self.rank:05d}.json",
-                          {"loader": self.loader_state.to_dict(), "rng": rng_state()})
+        write_json(path / f"rank_{self.rank:05d}.json",
+                   {"loader": self.loader_state.to_dict(), "rng": rng_state()})
         projector = self._gathered_projector()
         if self.is_main:
             save_projector(projector, path / PROJECTOR_FILE)
             (path / LLARK_CONFIG).write_text(self.model.config.to_json(), encoding="utf-8")
         dist.barrier()
         if self.is_main:
-            write_json_atomic(path / TRAINER_STATE, {
+            write_json(path / TRAINER_STATE, {
                 "step": self.step, "world_size": self.world_size, "config": self.cfg.model_dump(mode="json"),
             })
             for old in complete_checkpoints(self.output_dir)[: -self.cfg.keep_checkpoints]:
@@ -712,13 +697,9 @@ class TrainRecipe:
         if state["world_size"] != self.world_size:
             raise TrainConfigError(f"resume: {path} was written by {state['world_size']} processes, this run has "
                                    f"{self.world_size}; resume with the same number of processes")
-        before, now = flat(state["config"]), flat(self.cfg.model_dump(mode="json"))
-        changed = sorted(k for k in set(before) | set(now)
-                         if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise TrainConfigError(f"resume: the config differs from {path}'s in "
-                                   + ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed)
-                                   + "; use resume: never (or another output_dir) to start over")
+        check_same_settings(f"resume: {path}", state["config"], self.cfg.model_dump(mode="json"),
+                            "use resume: never (or another output_dir) to start over", TrainConfigError,
+                            may_change=RESUMABLE_CHANGES, keep_whole=("lora",))
         load_path, _ = self.engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True,
             custom_load_fn=load_trained_weights if self._saves_trained_weights_only else None)

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipeline.runner import ItemError, atomic_write
+from pipeline.files import atomic_write
+from pipeline.runner import ItemError
 
 TARGET_SAMPLE_RATE = 44_100
 

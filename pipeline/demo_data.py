@@ -36,6 +36,8 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
+from pipeline.files import atomic_write, write_text
+
 GENERATOR_VERSION = 1
 METADATA_COLUMNS = (
     "id", "split", "genre", "tempo_bpm", "key", "tonic", "mode", "metre", "beats_per_bar",
@@ -787,23 +789,15 @@ def write_clip(out_dir: Path, plan: ClipPlan) -> dict:
     audio = render_audio(plan)
     path = out_dir / plan.audio_relpath
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sf.write(tmp, audio, plan.sample_rate, subtype="PCM_16", format="FLAC")
-    os.replace(tmp, path)
-    _write_text(out_dir / "annotations" / f"{plan.id}.json",
+    with atomic_write(path) as fh:
+        sf.write(fh, audio, plan.sample_rate, subtype="PCM_16", format="FLAC")
+    write_text(out_dir / "annotations" / f"{plan.id}.json",
                 json.dumps(annotation_document(plan), indent=1) + "\n")
     return metadata_row(plan)
 
 
 def _write_clip_job(job: tuple[str, ClipPlan]) -> dict:
     return write_clip(Path(job[0]), job[1])
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -894,11 +888,11 @@ def generate_demo_dataset(out_dir: str | os.PathLike, n_clips: int = 240, seed: 
         rows = [_write_clip_job(job) for job in jobs]
     clip_rows, long_rows = rows[:n_clips], rows[n_clips:]
 
-    _write_text(out / "README.txt", README_TEXT)
+    write_text(out / "README.txt", README_TEXT)
     if long_path:
-        _write_text(long_path, _csv_text(long_rows))
-    _write_text(params_path, json.dumps(params, indent=1) + "\n")
-    _write_text(metadata_path, _csv_text(clip_rows))
+        write_text(long_path, _csv_text(long_rows))
+    write_text(params_path, json.dumps(params, indent=1) + "\n")
+    write_text(metadata_path, _csv_text(clip_rows))
     return DemoSummary(out, metadata_path, n_clips, long_tracks, _count_splits(clip_rows), True,
                        time.perf_counter() - started, long_path, params)
 

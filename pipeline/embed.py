@@ -44,10 +44,11 @@ from pipeline.encoders import (
     read_manifest,
     write_manifest,
 )
+from pipeline.contracts import EMBEDDINGS_JSONL, ENCODER_JSON
+from pipeline.files import atomic_write
 from pipeline.records import ClipRecord, parse_record
-from pipeline.runner import ItemError, Stage, StageConfigError, atomic_write
+from pipeline.runner import ItemError, Stage, StageConfigError
 
-EMBEDDINGS_JSONL = "embeddings.jsonl"
 
 
 # Encoder options that decide how work is grouped, not what is computed: a rerun may change them.
@@ -87,7 +88,7 @@ def prepare_embeddings_dir(settings: EmbedSettings) -> dict[str, Any]:
     """Write ``encoder.json`` (or check the one there); return the manifest. Raises StageConfigError."""
     manifest = encoder_manifest(describe_encoder(settings.encoder, settings.options), settings.dtype)
     directory = Path(settings.embeddings_dir)
-    if (directory / "encoder.json").exists():
+    if (directory / ENCODER_JSON).exists():
         found = read_manifest(directory)
         differences = manifest_differences(manifest, found)
         if differences:

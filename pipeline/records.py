@@ -16,7 +16,6 @@ no dot at all (webdataset cuts a sample key at its first dot).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline import files
 
 SPLITS = ("train", "valid", "test")
 TASK_FAMILIES = ("understanding", "captioning", "reasoning")
@@ -215,31 +216,9 @@ def read_records(path: str | os.PathLike) -> list[ClipRecord]:
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict | BaseModel]) -> int:
-    """Write rows to ``path`` atomically (a temporary file renamed into place); return the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    count = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(to_json_line(row))
-                count += 1
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.filename is None and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a failed write names no file
-            exc.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when the write failed
-    return count
+    """Write rows to ``path`` atomically (``pipeline.files.write_jsonl``); return the count."""
+    return files.write_jsonl(path, rows)
 
 
 def to_json_line(row: dict | BaseModel) -> str:
-    if isinstance(row, ClipRecord):
-        return row.to_json() + "\n"
-    if isinstance(row, BaseModel):
-        return json.dumps(row.model_dump(mode="json"), ensure_ascii=False) + "\n"
-    return json.dumps(row, ensure_ascii=False) + "\n"
+    return files.json_line(row)

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Protocol
 
+from pipeline.files import (AppendLog, atomic_write, describe_os_error, is_disk_failure, pid_alive,
+                            remove_dead_temporaries, temporary_path)
 from pipeline.records import InvalidRecord, check_id, iter_jsonl, to_json_line
 
 log = logging.getLogger("llark")
@@ -84,21 +86,6 @@ class OutputLocked(StageConfigError):
 
 class RunAborted(RuntimeError):
     """The run cannot go on (the disk is full or read-only); what was finished is kept in the ledger."""
-
-
-# Errors of the machine, not of an item: carrying on would only fail every following item.
-FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
-def is_disk_failure(exc: BaseException) -> bool:
-    """``exc`` says the disk is full, over quota or read-only: no later write can succeed either."""
-    return isinstance(exc, OSError) and exc.errno in FATAL_ERRNOS
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``strerror: filename``, e.g. ``No space left on device: /data/clips/a.wav``."""
-    text = exc.strerror or str(exc)
-    return f"{text}: {exc.filename}" if exc.filename else text
 
 
 def disk_remedy(read_only: bool = False) -> str:
@@ -501,80 +488,6 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
-def temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: ``.NAME.tmp-PID``, so that a later
-    run can tell whose it is (``remove_dead_temporaries``)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb", fsync: bool = False,
-                 keep: Callable[[], bool] | None = None) -> Iterator[IO]:
-    """A file object on ``path``'s temporary file, renamed to ``path`` when the block ends without
-    an error and removed when it does not: ``path`` is never seen half written. A full disk's error
-    names ``path`` (a failed write alone does not say where the disk is full). ``keep``: asked when
-    the block ends; False discards what was written and removes an older ``path``."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
-            yield fh
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        if keep is None or keep():
-            os.replace(tmp, path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as exc:
-        if exc.filename is None and is_disk_failure(exc):
-            exc.filename = str(path)
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>[0-9]+)$")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
-def remove_dead_temporaries(directory: Path, owned: Callable[[str], bool]) -> list[Path]:
-    """Delete the temporary files (``.NAME.tmp-PID``) in ``directory`` that a process no longer alive
-    on this host left behind (a killed run) while writing a file NAME for which ``owned(NAME)`` holds.
-
-    Call it holding the lock of the output those names belong to: no live run then writes them,
-    and a live process's temporaries are kept all the same. Returns the files removed.
-    """
-    removed = []
-    try:
-        entries = list(os.scandir(directory))
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        match = _TEMPORARY.match(entry.name)
-        if not match or not owned(match["name"]) or not entry.is_file(follow_symlinks=False):
-            continue
-        if pid_alive(int(match["pid"])):
-            continue
-        try:
-            os.unlink(entry.path)
-        except FileNotFoundError:
-            continue
-        removed.append(Path(entry.path))
-    if removed:
-        log.info("removed %d temporary files that killed runs left in %s", len(removed), directory)
-    return removed
-
-
 class OutputLock:
     """A lock file beside the output naming its owner (pid, host); a dead owner's lock is taken over.
 
@@ -665,79 +578,27 @@ def _write_owner(path: Path, content: str) -> None:
         fh.write(content)
 
 
-class Ledger:
+class Ledger(AppendLog):
     """Append-only record of finished items: a header line with the settings, then one line per item."""
 
     def __init__(self, path: Path, stage: str, settings: Any):
-        self.path = path
-        self.header = {"ledger": LEDGER_VERSION, "stage": stage, "settings": settings}
+        super().__init__(path, "ledger", LEDGER_VERSION, {"stage": stage, "settings": settings},
+                         remedy="use another output path, or --overwrite to start over", error=StageConfigError)
         self.entries: dict[str, dict] = {}
-        self._fh = None
-        self._last_sync = time.monotonic()
 
     def load(self) -> None:
         """Read what a previous run finished; drop a torn last line; refuse other settings."""
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as fh:
-            data = fh.read()
-        keep = data.rfind(b"\n") + 1  # a killed writer leaves at most one line without its newline
-        if keep < len(data):
-            log.warning("%s: discarding a torn last line left by an interrupted run", self.path)
-            with open(self.path, "r+b") as fh:
-                fh.truncate(keep)
-        lines = data[:keep].splitlines()
-        if not lines:
-            return
-        try:
-            header = json.loads(lines[0])
-        except ValueError:
-            header = None
-        if not isinstance(header, dict) or header.get("ledger") != LEDGER_VERSION:
-            raise StageConfigError(f"{self.path} is not a ledger this version can read; move it away to start over")
-        if header.get("stage") != self.header["stage"] or header.get("settings") != self.header["settings"]:
-            raise StageConfigError(
-                f"{self.path} was written by stage {header.get('stage')!r} with other settings "
-                f"({json.dumps(header.get('settings'), sort_keys=True)}) than this run's "
-                f"({json.dumps(self.header['settings'], sort_keys=True)}); use another output "
-                "path, or --overwrite to start over"
-            )
-        for raw in lines[1:]:
-            try:
-                entry = json.loads(raw)
-            except ValueError:
-                log.warning("%s: skipping an unreadable ledger line", self.path)
-                continue
-            self.entries[entry["id"]] = entry
-
-    def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        self._fh = open(self.path, "a", encoding="utf-8")
-        if new:
-            self._write(json.dumps(self.header) + "\n", sync=True)
+        for entry in super().load():
+            if "id" in entry:
+                self.entries[entry["id"]] = entry
 
     def append(self, entry: dict) -> None:
         self.entries[entry["id"]] = entry
-        self._write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-    def _write(self, line: str, sync: bool = False) -> None:
-        self._fh.write(line)  # one write per line: a kill can tear only the last line
-        self._fh.flush()
-        if sync or time.monotonic() - self._last_sync > 2.0:
-            os.fsync(self._fh.fileno())
-            self._last_sync = time.monotonic()
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
+        super().append(entry)
 
 
 def _write_atomically(path: Path, lines: list[str]) -> None:
-    with atomic_write(path, "w", fsync=True) as fh:
+    with atomic_write(path, "w") as fh:
         fh.writelines(lines)
 
 

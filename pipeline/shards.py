@@ -58,35 +58,21 @@ import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from pipeline.encoders import ENCODER_JSON, manifest_differences, read_manifest, write_manifest
+from pipeline.contracts import (EMBEDDINGS_JSONL, ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL,
+                                SAMPLES_JSONL, SHARDS_JSONL, InstructionRecord, sample_key)
+from pipeline.encoders import manifest_differences, read_manifest, write_manifest
+from pipeline.files import atomic_write, is_disk_failure, remove_dead_temporaries
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
-from pipeline.runner import (
-    ItemError,
-    OutputLock,
-    RunSummary,
-    Stage,
-    StageConfigError,
-    atomic_write,
-    errors_path,
-    is_disk_failure,
-    remove_dead_temporaries,
-    run_stage,
-    stopped_by_disk,
-)
+from pipeline.runner import ItemError, OutputLock, RunSummary, Stage, StageConfigError, errors_path, run_stage, stopped_by_disk
 
 log = logging.getLogger("llark")
 
 DEFAULT_SHARD_BYTES = 1_000_000_000
-INDEX_JSON = "index.json"
-MISSING_JSONL = "missing.jsonl"
-PLAN_JSONL = "plan.jsonl"
-SAMPLES_JSONL = "samples.jsonl"
-SHARDS_JSONL = "shards.jsonl"
 SAMPLE_EXTENSIONS = ("npy", "json")
 TAR_OVERHEAD = 3 * 512  # two member headers and padding, roughly
 NO_INSTRUCTIONS = ("the clip names this task family but no instruction record has it (not generated yet, "
@@ -96,68 +82,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-[a-z]+-[a-z]+-.+-\d{6}\.tar$")
 # Files of a shards directory besides the shards; its runs all hold the lock of plan.jsonl.
 _DIRECTORY_FILES = {ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL, SAMPLES_JSONL}
-
-
-class QAPair(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-
-
-class InstructionRecord(BaseModel):
-    """The instructions stage's output line: one clip, one task family, its Q/A pairs."""
-
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    clip_id: str
-    task_family: Literal["understanding", "captioning", "reasoning"]
-    pairs: list[QAPair]
-    backend: str | None = None
-    model: str | None = None
-    prompt_version: str | None = None
-    dataset: str | None = None
-    split: str | None = None
-
-
-class SampleEncoding(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    encoder: str
-    layer: int | None
-    frame_rate_hz: float
-    frames: int = Field(ge=1)
-    dim: int = Field(ge=1)
-    dtype: Literal["float16", "float32"]
-
-
-class SampleInstructions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    backend: str | None
-    model: str | None
-    prompt_version: str | None
-
-
-class SampleJson(BaseModel):
-    """The ``json`` member of a shard sample (validate-shards checks every one against this)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: str
-    clip_id: str
-    task_family: Literal["understanding", "captioning", "reasoning"]
-    split: Literal["train", "valid", "test"]
-    clip: dict[str, Any]
-    pairs: list[QAPair] = Field(min_length=1)
-    instructions: SampleInstructions
-    encoding: SampleEncoding
-
-
-def sample_key(clip_id: str, task_family: str) -> str:
-    return f"{clip_id}-{task_family}"
 
 
 def shard_stem(name: str, split: str, family: str, encoder: str, index: int) -> str:
@@ -243,7 +167,7 @@ class Join:
 
 def _read_embeddings(embeddings_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     records, errors = {}, {}
-    listing = embeddings_dir / "embeddings.jsonl"
+    listing = embeddings_dir / EMBEDDINGS_JSONL
     if not listing.is_file():
         raise StageConfigError(f"--embeddings: {listing} does not exist; run `llark embed` first")
     for line in iter_jsonl(listing):
@@ -413,7 +337,7 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
     # A shard whose every sample was refused (they are reported) is not kept: no empty shard for
     # training to open.
     with open(settings.samples_path, "rb") as sample_json, \
-            atomic_write(path, fsync=True, keep=lambda: written > 0) as fh:
+            atomic_write(path, keep=lambda: written > 0) as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 20) as tar:
             for sample in row["samples"]:
                 key = sample["key"]

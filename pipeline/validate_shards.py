@@ -22,7 +22,7 @@ bad_npy, wrong_dtype, wrong_shape, wrong_dim, empty_array, non_finite
                     the array is unreadable, not ``[frames, dim]`` in the manifest's dtype, or holds
                     NaN/inf
 bad_json            not UTF-8 JSON
-bad_schema          the JSON is not a shard sample (see ``pipeline.shards.SampleJson``), or its clip
+bad_schema          the JSON is not a shard sample (see ``pipeline.contracts.SampleJson``), or its clip
                     is not a valid clip record
 mismatch            the JSON disagrees with its array, its key, its shard's split/family or the
                     manifest
@@ -53,7 +53,8 @@ from pipeline.encoders import read_manifest
 from pipeline.records import InvalidRecord, parse_record
 from pipeline.runner import StageConfigError, default_workers
 from pipeline.shard_reader import ShardReadError, is_pickle_extension, iter_members, open_file
-from pipeline.shards import INDEX_JSON, SAMPLE_EXTENSIONS, EmbeddingProblem, SampleJson, parse_npy
+from pipeline.contracts import INDEX_JSON, SampleJson
+from pipeline.shards import SAMPLE_EXTENSIONS, EmbeddingProblem, parse_npy
 
 
 

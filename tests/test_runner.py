@@ -495,7 +495,7 @@ def test_a_command_that_meets_a_full_disk_outside_the_runner_exits_3_with_what_t
 def test_atomic_write_replaces_whole_or_not_at_all_and_names_the_file_of_a_full_disk(tmp_path):
     import errno
 
-    from pipeline.runner import atomic_write
+    from pipeline.files import atomic_write
 
     path = tmp_path / "a.npy"
     path.write_bytes(b"old")

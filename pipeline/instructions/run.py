@@ -38,17 +38,8 @@ from pipeline.instructions.stage import (
     write_with_templates,
 )
 from pipeline.records import TASK_FAMILIES
-from pipeline.runner import (
-    OutputLock,
-    Stage,
-    StageConfigError,
-    is_disk_failure,
-    ledger_path,
-    make_executor,
-    remove_dead_temporaries,
-    run_stage,
-    stopped_by_disk,
-)
+from pipeline.files import is_disk_failure, remove_dead_temporaries
+from pipeline.runner import OutputLock, Stage, StageConfigError, ledger_path, make_executor, run_stage, stopped_by_disk
 
 log = logging.getLogger("llark")
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from pipeline.contracts import INSTRUCTION_FIELDS, InstructionRecord
 from pipeline.instructions.filtering import FilterSettings, filter_pairs
 from pipeline.instructions.metadata import clip_metadata, identifier_like_keys
 from pipeline.instructions.parsing import UnusableReply, parse_reply
@@ -28,7 +31,6 @@ from pipeline.records import InvalidRecord, check_id, iter_jsonl, parse_record
 from pipeline.runner import ItemError, errors_path
 
 STAGE_NAME = "instructions"
-PUBLIC_KEYS = ("id", "clip_id", "task_family", "pairs", "backend", "model", "prompt_version", "dataset", "split")
 TEMPLATE_MODEL = "llark-template-writer"
 
 
@@ -272,7 +274,7 @@ def finalize_outputs(output: Path) -> OutputSummary:
         summary.records += 1
         summary.pairs_kept += len(row["pairs"])
         summary.by_backend[row["backend"]] += 1
-        records.append({k: row[k] for k in PUBLIC_KEYS})
+        records.append({k: row[k] for k in INSTRUCTION_FIELDS})
     write_jsonl(output, records)
     write_jsonl(rejected_path(output), rejected)
     return summary
@@ -280,17 +282,15 @@ def finalize_outputs(output: Path) -> OutputSummary:
 
 def validate_record(record: dict) -> dict:
     """Check one instruction record against the contract; raise ValueError naming the problem."""
-    missing = [k for k in PUBLIC_KEYS if k not in record]
+    missing = [k for k in INSTRUCTION_FIELDS if k not in record]
     if missing:
         raise ValueError(f"instruction record {record.get('id')!r} lacks {missing}")
     check_id(record["id"])
-    if record["task_family"] not in ("understanding", "captioning", "reasoning"):
-        raise ValueError(f"unknown task family {record['task_family']!r}")
-    if record["backend"] not in ("template", "openai", "openai-batch", "given"):
-        raise ValueError(f"unknown backend {record['backend']!r}")
-    for pair in record["pairs"]:
-        if set(pair) != {"question", "answer"} or not all(isinstance(v, str) and v.strip() for v in pair.values()):
-            raise ValueError(f"record {record['id']}: a pair must be two non-empty strings, got {pair!r}")
+    try:
+        InstructionRecord.model_validate(record)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"instruction record {record['id']}: {problems}") from None
     return record
 
 
