@@ -195,7 +195,7 @@ class ShardSet:
 
 def open_shards(dirs: list[str], split: str = "train", families: list[str] | None = None) -> ShardSet:
     """The shards of ``split`` (and ``families``) listed in each directory's index.json."""
-    from pipeline.encoders import manifest_differences, read_manifest
+    from pipeline.encoders import describe_differences, manifest_differences, read_manifest
     from pipeline.runner import StageConfigError
 
     if not dirs:
@@ -212,9 +212,9 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
             raise DataConfigError(f"data.shards: {exc}") from None
         if manifest is None:
             manifest = found
-        elif manifest_differences(manifest, found):
+        elif differences := manifest_differences(manifest, found):
             raise DataConfigError(f"data.shards: {d} holds embeddings of another encoder than {dirs[0]}: "
-                                  + "; ".join(manifest_differences(manifest, found)))
+                                  + describe_differences(differences))
         index = json.loads(index_path.read_text(encoding="utf-8"))
         for shard in index["shards"]:
             if shard["split"] == split and (not families or shard["task_family"] in families):
@@ -232,7 +232,7 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
 def check_encoder(manifest: dict[str, Any], encoder_dim: int, trained_on: dict[str, Any] | None = None) -> None:
     """Refuse shards whose frames the projector cannot take (dimension), or, for a projector that was
     already trained, frames from another encoder, layer, frame rate or dtype."""
-    from pipeline.encoders import manifest_differences
+    from pipeline.encoders import FRAME_FIELDS, describe_differences, manifest_differences
 
     if manifest["dim"] != encoder_dim:
         raise DataConfigError(
@@ -241,10 +241,10 @@ def check_encoder(manifest: dict[str, Any], encoder_dim: int, trained_on: dict[s
             "matching encoder, or set model.encoder_dim to match a new projector"
         )
     if trained_on:
-        differences = [d for d in manifest_differences(trained_on, manifest) if not d.startswith("dtype:")]
+        differences = manifest_differences(trained_on, manifest, FRAME_FIELDS)
         if differences:
             raise DataConfigError("encoder mismatch: the projector was trained on other frames than the shards "
-                                  "hold: " + "; ".join(differences))
+                                  "hold: " + describe_differences(differences))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def load(checkpoint: str | os.PathLike, dtype: str = "auto", device: str | None 
 def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
     """The encoder the model was trained on, built with ``options`` (e.g. Jukebox's weights_dir);
     InferenceError when the model names none or the built one differs from it."""
-    from pipeline.encoders import build_encoder, check_encoder_options, describe_encoder
+    from pipeline.encoders import (FRAME_FIELDS, build_encoder, check_encoder_options, describe_differences,
+                                   describe_encoder, manifest_differences)
     from pipeline.runner import StageConfigError
 
     identity = llark.encoder_identity
@@ -191,10 +192,10 @@ def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
         description = describe_encoder(identity["name"], checked)
     except StageConfigError as exc:
         raise InferenceError(str(exc)) from None
-    differences = [f"{k}: trained on {identity.get(k)!r}, this encoder gives {description.get(k)!r}"
-                   for k in ("name", "layer", "frame_rate_hz", "dim", "config") if identity.get(k) != description.get(k)]
+    differences = manifest_differences(identity, description, FRAME_FIELDS)
     if differences:
-        raise InferenceError("the encoder differs from the one the model was trained on: " + "; ".join(differences))
+        raise InferenceError("the encoder differs from the one the model was trained on (trained on != this "
+                             "encoder): " + describe_differences(differences))
     return build_encoder(identity["name"], checked)
 
 

@@ -40,6 +40,7 @@ from pipeline.encoders import (
     check_encoder_options,
     describe_encoder,
     encoder_manifest,
+    describe_differences,
     manifest_differences,
     read_manifest,
     write_manifest,
@@ -94,7 +95,7 @@ def prepare_embeddings_dir(settings: EmbedSettings) -> dict[str, Any]:
         if differences:
             raise StageConfigError(
                 f"--embeddings-dir {directory} holds embeddings of another encoder configuration "
-                f"({'; '.join(differences)}); choose another directory, or remove that one"
+                f"({describe_differences(differences)}); choose another directory, or remove that one"
             )
         return found
     write_manifest(directory, manifest)

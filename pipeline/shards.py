@@ -65,7 +65,7 @@ from pydantic import ValidationError
 
 from pipeline.contracts import (EMBEDDINGS_JSONL, ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL,
                                 SAMPLES_JSONL, SHARDS_JSONL, InstructionRecord, sample_key)
-from pipeline.encoders import manifest_differences, read_manifest, write_manifest
+from pipeline.encoders import describe_differences, manifest_differences, read_manifest, write_manifest
 from pipeline.files import atomic_write, is_disk_failure, remove_dead_temporaries
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
 from pipeline.runner import ItemError, OutputLock, RunSummary, Stage, StageConfigError, errors_path, run_stage, stopped_by_disk
@@ -418,7 +418,7 @@ def prepare_shards_dir(out_dir: Path, embeddings_dir: Path) -> dict[str, Any]:
         if differences:
             raise StageConfigError(
                 f"{out_dir / ENCODER_JSON} (--out) does not match {embeddings_dir / ENCODER_JSON} (--embeddings): "
-                f"{'; '.join(differences)}; write these shards to another directory"
+                f"{describe_differences(differences)}; write these shards to another directory"
             )
     return manifest
 

@@ -281,14 +281,14 @@ def _read_done(path: Path) -> dict[str, dict]:
 
 def check_encoder_matches(model_encoder: dict | None, manifest: dict) -> None:
     """Refuse embeddings of another encoder than the projector was trained on."""
-    from pipeline.encoders import manifest_differences
+    from pipeline.encoders import FRAME_FIELDS, describe_differences, manifest_differences
 
     if not model_encoder:
         return
-    differences = [d for d in manifest_differences(model_encoder, manifest) if not d.startswith("dtype:")]
+    differences = manifest_differences(model_encoder, manifest, FRAME_FIELDS)
     if differences:
         raise EvalConfigError("the evaluation embeddings come from another encoder than the model was trained on: "
-                              + "; ".join(differences))
+                              + describe_differences(differences))
 
 
 def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, settings: RunSettings,

@@ -27,7 +27,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -134,13 +134,32 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def manifest_differences(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
-    """The identity fields on which two manifests disagree, as ``field: a != b`` lines."""
-    return [
-        f"{key}: {json.dumps(expected.get(key), sort_keys=True)} != {json.dumps(found.get(key), sort_keys=True)}"
-        for key in IDENTITY_FIELDS
-        if expected.get(key) != found.get(key)
-    ]
+class EncoderDifference(NamedTuple):
+    """One identity field on which two encoder descriptions disagree."""
+
+    field: str
+    expected: Any
+    found: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {json.dumps(self.expected, sort_keys=True)} != {json.dumps(self.found, sort_keys=True)}"
+
+
+# What a projector cares about: frames stored as float16 or float32 are the same frames to it.
+FRAME_FIELDS = tuple(k for k in IDENTITY_FIELDS if k != "dtype")
+
+
+def manifest_differences(expected: dict[str, Any], found: dict[str, Any],
+                         fields: tuple[str, ...] = IDENTITY_FIELDS) -> list[EncoderDifference]:
+    """The identity ``fields`` on which two encoder descriptions (``encoder.json``, or a model's
+    record of what it was trained on) disagree, in ``IDENTITY_FIELDS`` order."""
+    return [EncoderDifference(key, expected.get(key), found.get(key)) for key in fields
+            if expected.get(key) != found.get(key)]
+
+
+def describe_differences(differences: list[EncoderDifference]) -> str:
+    """``field: a != b; ...`` for an error message."""
+    return "; ".join(map(str, differences))
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:

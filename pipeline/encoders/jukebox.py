@@ -250,7 +250,9 @@ def _layer_cut_class():
 
         def tokens(self, audio):
             """Top-level VQ-VAE codes of one clip: float32 audio ``[samples]`` → long ``[samples // hop]``."""
-            encoded = self.vq_encoder(audio.view(1, 1, -1))[-1]
+            # [1, samples, 1] permuted, as the VQ-VAE's own preprocess lays it out: a contiguous
+            # [1, 1, samples] takes another convolution kernel, whose rounding can flip a near-tie code.
+            encoded = self.vq_encoder(audio.view(1, -1, 1).permute(0, 2, 1).float())[-1]
             return self.codebook.encode(encoded)[0]
 
         def conditioning(self, offsets: list[int], total_lengths: list[int]):
