@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, RunAborted, StageConfigError
     from pipeline.files import describe_os_error, is_disk_failure
-    from pipeline.runner import RunAborted, StageConfigError, disk_remedy
+    from pipeline.runner import disk_remedy
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -54,20 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except StageConfigError as exc:
         print(f"llark {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except RunAborted as exc:
         print(f"llark {args.verb}: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_ABORTED
     except OSError as exc:
         if not is_disk_failure(exc):
             raise
         # A stage that does not turn a full disk into RunAborted itself still ends like one.
         print(f"llark {args.verb}: stopped: {describe_os_error(exc)}; {disk_remedy(exc.errno == errno.EROFS)}",
               file=sys.stderr)
-        return 3
+        return EXIT_ABORTED
     except KeyboardInterrupt:
         print(f"llark {args.verb}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

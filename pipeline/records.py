@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import files
+from pipeline.errors import InvalidRecord  # noqa: F401 (raised here, imported from here by many)
 
 SPLITS = ("train", "valid", "test")
 TASK_FAMILIES = ("understanding", "captioning", "reasoning")
@@ -33,10 +34,6 @@ CROP_POLICIES = ("paper", "all_windows", "given")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,199}$")
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-class InvalidRecord(ValueError):
-    """A record that does not satisfy the clip-record contract."""
 
 
 def check_id(value: str) -> str:

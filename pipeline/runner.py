@@ -50,7 +50,8 @@ from typing import IO, Any, Callable, Iterator, Protocol
 
 from pipeline.files import (AppendLog, atomic_write, describe_os_error, is_disk_failure, pid_alive,
                             remove_dead_temporaries, temporary_path)
-from pipeline.records import InvalidRecord, check_id, iter_jsonl, to_json_line
+from pipeline.errors import InvalidRecord, ItemError, OutputLocked, RunAborted, StageConfigError  # noqa: F401
+from pipeline.records import check_id, iter_jsonl, to_json_line
 
 log = logging.getLogger("llark")
 
@@ -62,30 +63,6 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
-
-
-class ItemError(Exception):
-    """An expected, explainable failure of one item: it becomes an error record with this code.
-
-    ``code`` is a short stable identifier the summary groups by (e.g. ``silent``, ``not_audio``);
-    the message is the human-readable reason.
-    """
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class StageConfigError(ValueError):
-    """The stage cannot start: its configuration or output location is not usable."""
-
-
-class OutputLocked(StageConfigError):
-    """Another live run is writing the same output."""
-
-
-class RunAborted(RuntimeError):
-    """The run cannot go on (the disk is full or read-only); what was finished is kept in the ledger."""
 
 
 def disk_remedy(read_only: bool = False) -> str:

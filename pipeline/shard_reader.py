@@ -41,6 +41,8 @@ from urllib.request import url2pathname
 
 import numpy as np
 
+from pipeline.errors import PipelineError
+
 BLOCK = 512
 STREAM_BUFFER = 1 << 20
 LARGEST_READ = 1 << 26  # bigger members are read in pieces: a corrupt size must not allocate it at once
@@ -54,7 +56,7 @@ META_NAME = re.compile(r"__[^/]*__($|/)")
 TAR_ENCODING, TAR_ERRORS = tarfile.ENCODING, "surrogateescape"
 
 
-class ShardReadError(ValueError):
+class ShardReadError(PipelineError, ValueError):
     """A shard that cannot be read on from ``offset`` (the header of the member at fault)."""
 
     code = "bad_tar"

@@ -66,6 +66,7 @@ from pydantic import ValidationError
 from pipeline.contracts import (EMBEDDINGS_JSONL, ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL,
                                 SAMPLES_JSONL, SHARDS_JSONL, InstructionRecord, sample_key)
 from pipeline.encoders import describe_differences, manifest_differences, read_manifest, write_manifest
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, is_disk_failure, remove_dead_temporaries
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
 from pipeline.runner import ItemError, OutputLock, RunSummary, Stage, StageConfigError, errors_path, run_stage, stopped_by_disk
@@ -92,7 +93,7 @@ def shard_stem(name: str, split: str, family: str, encoder: str, index: int) -> 
 # Reading .npy payloads without pickles
 
 
-class EmbeddingProblem(ValueError):
+class EmbeddingProblem(PipelineError, ValueError):
     """An embedding that cannot go into a shard; ``code`` says why (validate-shards uses the same codes)."""
 
     def __init__(self, code: str, message: str):

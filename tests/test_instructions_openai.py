@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from instructions_fixtures import KEY, REPO, clip, errors, marked, run, write_clips
-from pipeline.instructions.chat import RunAborted
+from pipeline.instructions.chat import RequestsRefused
 from pipeline.instructions.costs import ModelPrice
 from pipeline.instructions.fake_openai import FakeOpenAIServer
 from pipeline.instructions.metadata import clean_text, clip_metadata
@@ -98,7 +98,7 @@ def test_retries_honour_retry_after_and_back_off(tmp_path):
 def test_a_refused_key_stops_the_run_and_the_key_never_leaks(tmp_path, caplog):
     caplog.set_level(logging.DEBUG)
     with FakeOpenAIServer(api_key="sk-the-right-key-000000") as server:
-        with pytest.raises(RunAborted) as exc:
+        with pytest.raises(RequestsRefused) as exc:
             run(tmp_path, server, [marked(i, f"m{i}") for i in range(6)])
         assert len(server.chat_requests()) <= 4  # the in-flight ones; nothing is sent after the refusal
     message = str(exc.value)

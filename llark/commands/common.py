@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 from pipeline.runner import Executor, RunSummary, Stage, StageConfigError, make_executor, run_stage
 
 
@@ -56,7 +57,7 @@ def run_stage_from_args(stage: Stage, args) -> int:
         stage, args.input, args.out, executor=executor, retry_failed=args.retry_failed,
         overwrite=args.overwrite, limit=args.limit, progress=args.progress,
     )
-    return 1 if args.strict and summary.failed_total else 0
+    return EXIT_ITEMS_FAILED if args.strict and summary.failed_total else EXIT_OK
 
 
 def parse_key_values(pairs: list[str], option: str = "--set") -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llark.commands.common import add_verb
+from pipeline.errors import EXIT_OK
 
 
 def register(sub) -> None:
@@ -35,4 +36,4 @@ def run(args) -> int:
     how = f"generated in {summary.seconds:.1f} s" if summary.generated else "already there, same parameters"
     long = f" and {summary.n_long} long tracks" if summary.n_long else ""
     print(f"demo dataset: {summary.n_clips} clips ({splits}){long} in {summary.out_dir} ({how})")
-    return 0
+    return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llark.commands.common import HelpFormatter, add_runner_options, add_verb, run_stage_from_args
+from pipeline.errors import EXIT_ITEMS_FAILED
 
 JUKEBOX_OPTIONS = ("weights_dir", "layer", "device", "compute_dtype", "batch_windows", "context")
 
@@ -107,4 +108,4 @@ def _jukebox_workers(device: str) -> int:
         import torch
 
         return max(1, torch.cuda.device_count())
-    return 1
+    return EXIT_ITEMS_FAILED

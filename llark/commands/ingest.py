@@ -6,6 +6,7 @@ from pathlib import Path
 
 from llark.commands.common import add_verb, parse_key_values
 from pipeline.ingest import ADAPTER_MODULES
+from pipeline.errors import EXIT_OK
 
 
 def register(sub) -> None:
@@ -28,4 +29,4 @@ def run(args) -> int:
     from pipeline.ingest.run import ingest_dataset
 
     ingest_dataset(args.dataset, args.root, args.out, parse_key_values(args.set))
-    return 0
+    return EXIT_OK

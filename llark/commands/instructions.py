@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from llark.commands.common import add_runner_options, add_verb, executor_from_args
+from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 
 
 def register(sub) -> None:
@@ -131,10 +132,10 @@ def run(args) -> int:
             raise StageConfigError(f"--show-prompt: no {family} prompt for {dataset} (available: {available})")
         print(f"# {dataset} / {family}, prompt version {prompts.prompt_version(dataset, family)}\n")
         print(prompts.system_prompt(dataset, family), end="")
-        return 0
+        return EXIT_OK
     if args.input is None or args.out is None:
         from pipeline.runner import StageConfigError
 
         raise StageConfigError("the input file and --out are required (except with --show-prompt)")
     failed = run_instructions(config_from_args(args))
-    return 1 if args.strict and failed else 0
+    return EXIT_ITEMS_FAILED if args.strict and failed else EXIT_OK

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llark.commands.common import add_verb
+from pipeline.errors import EXIT_CONFIG, EXIT_OK
 
 
 def register(sub) -> None:
@@ -66,13 +67,13 @@ def run(args) -> int:
                            quantization=args.quantization, gradient_checkpointing=args.checkpointing, **zero)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"llark plan: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     offload = [name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_params"))
                if zero[key]]
     print(f"{args.model}, ZeRO-{zero['zero_stage']}{', offloaded: ' + ' and '.join(offload) if offload else ''}, "
           f"mode {args.mode}, micro-batch {args.micro_batch}, sequence {args.seq_len}, {args.gpus} GPUs")
     print(format_plan(plan, args.gpu_memory))
-    return 0
+    return EXIT_OK
 
 
 def run_pipeline_plan(args) -> int:
@@ -94,4 +95,4 @@ def run_pipeline_plan(args) -> int:
     for line in estimate(full, measure_stages(run_dir), prompt_tokens_per_request(run_dir, prompts_dir), prices,
                          args.batch_api):
         print(line)
-    return 0
+    return EXIT_OK

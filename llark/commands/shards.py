@@ -6,6 +6,7 @@ from pathlib import Path
 
 from llark.commands.common import add_runner_options, add_verb, executor_from_args
 from llark.commands.embed import OptionalDefaultsFormatter
+from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 
 
 def register(sub) -> None:
@@ -44,4 +45,4 @@ def run(args) -> int:
         limit=args.limit, progress=args.progress,
     )
     problems = summary.run.failed_total or sum(summary.missing.values()) or not summary.complete
-    return 1 if args.strict and problems else 0
+    return EXIT_ITEMS_FAILED if args.strict and problems else EXIT_OK

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from llark.commands.common import add_verb
 from llark.commands.embed import OptionalDefaultsFormatter
+from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 
 
 def register(sub) -> None:
@@ -39,4 +40,4 @@ def run(args) -> int:
         print(line, file=stream)
     if args.out is not None:
         write_report(report, args.out)
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_ITEMS_FAILED

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.encoders import prepare_audio
+from pipeline.errors import PipelineError
 from pipeline.runner import StageConfigError
 
 NAME = "jukebox"
@@ -76,7 +77,7 @@ COMPUTE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 JUKEBOX_PACKAGES = ("torch", "jukebox-infer")
 
 
-class JukeboxWeightsError(RuntimeError):
+class JukeboxWeightsError(PipelineError, RuntimeError):
     """The weights are absent, unreadable, or do not match the architecture."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.errors import PipelineError
 from pipeline.records import ClipRecord
 
 ADAPTER_MODULES = {
@@ -30,7 +31,7 @@ ADAPTER_MODULES = {
 }
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(PipelineError, ValueError):
     """The directory given for a dataset does not hold the files its layout requires."""
 
 

@@ -24,10 +24,11 @@ import asyncio
 from collections import Counter
 from typing import Any, Callable, Iterator
 
+from pipeline.errors import PipelineError
 from pipeline.runner import Stage, StageConfigError, run_item
 
 
-class Deferred(Exception):
+class Deferred(PipelineError):
     """Leave this item for a later run: no outcome is recorded for it now."""
 
     def __init__(self, reason: str, message: str = ""):

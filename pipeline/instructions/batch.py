@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.instructions.cache import CachedReply, CacheKey, ReplyCache
-from pipeline.instructions.chat import Redactor, RunAborted
+from pipeline.instructions.chat import Redactor, RequestsRefused
 from pipeline.instructions.costs import RESERVE_FACTOR, BudgetExhausted, CostBudget, PriceTable
 from pipeline.instructions.llm import PreparedRequest
 from pipeline.runner import StageConfigError
@@ -297,11 +297,11 @@ class BatchRunner:
         except openai.NotFoundError:
             if not_found_ok:
                 return None
-            raise RunAborted(f"the Batch API has no such object ({self.redactor(str(args))}); stopping") from None
+            raise RequestsRefused(f"the Batch API has no such object ({self.redactor(str(args))}); stopping") from None
         except openai.APIStatusError as exc:
             detail = self.redactor(f"HTTP {exc.status_code}: {exc.message}")
             if exc.status_code in (401, 403, 404):
-                raise RunAborted(f"the Batch API refused the request ({detail}); stopping") from None
+                raise RequestsRefused(f"the Batch API refused the request ({detail}); stopping") from None
             raise StageConfigError(f"the Batch API failed ({detail}); rerun the same command to resume") from None
         except openai.APIConnectionError as exc:
             raise StageConfigError(f"cannot reach the Batch API ({self.redactor(str(exc))}); rerun the same command to resume") from None

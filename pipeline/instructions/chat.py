@@ -10,7 +10,7 @@ spaced by one policy:
   ``max_retry_after_s``), otherwise it is exponential with jitter, and a ``Retry-After`` pauses
   every request of the run, not only the one that got it;
 - 401/403 (the key is refused) and 404 (wrong model or base URL) stop the whole run
-  (``RunAborted``): every other request would fail the same way;
+  (``RequestsRefused``): every other request would fail the same way;
 - other 4xx answers fail the one item.
 
 The API key is read from an environment variable and handed to the client only; every message
@@ -37,7 +37,7 @@ _RETRY_STATUS = {408, 409, 429}
 _FATAL_STATUS = {401, 403, 404}
 
 
-class RunAborted(StageConfigError):
+class RequestsRefused(StageConfigError):
     """An answer that every other request would also get (a refused key, an unknown model)."""
 
 
@@ -163,7 +163,7 @@ class ChatClient:
                 detail = self.redactor(f"HTTP {status}: {_message(exc)}")
                 if status in _FATAL_STATUS:
                     what = "the API key was refused" if status in (401, 403) else "the model or the URL was not found"
-                    raise RunAborted(f"{what} by {self.settings.base_url} ({detail}); stopping the run") from None
+                    raise RequestsRefused(f"{what} by {self.settings.base_url} ({detail}); stopping the run") from None
                 if status not in _RETRY_STATUS and status < 500:
                     raise ItemError("api_rejected_request", detail) from None
                 kind = "rate_limited" if status == 429 else "server_error"

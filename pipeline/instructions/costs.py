@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.errors import PipelineError
 from pipeline.runner import StageConfigError
 
 CHARS_PER_TOKEN = 4
@@ -91,7 +92,7 @@ def parse_price(text: str) -> tuple[str, ModelPrice]:
     return model, ModelPrice(inp, out)
 
 
-class BudgetExhausted(Exception):
+class BudgetExhausted(PipelineError):
     """Sending this request could take the run past --max-cost."""
 
 

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?")
 _QUESTION_KEYS = ("question", "q", "query", "instruction", "prompt")
 _ANSWER_KEYS = ("answer", "a", "response", "output", "reply")
@@ -26,7 +28,7 @@ _MAX_STARTS = 64  # bracket positions tried before giving up on a reply
 _decoder = json.JSONDecoder()
 
 
-class UnusableReply(Exception):
+class UnusableReply(PipelineError):
     """A reply from which no question/answer pair could be read."""
 
     def __init__(self, code: str, message: str):
