@@ -8,6 +8,8 @@ from llark.commands.common import add_runner_options, add_verb, run_stage_from_a
 
 
 def register(sub) -> None:
+    from pipeline.augment.stage import AugmentSettings as DEFAULTS  # its fields' defaults
+
     p = add_verb(
         sub, "augment", "estimate each clip's tempo, key, chords and beat grid with madmom",
         "Run madmom on each clip the model hears (the wav at clip_path, written by `llark crop`)\n"
@@ -20,11 +22,11 @@ def register(sub) -> None:
     )
     p.add_argument("input", type=Path, help="input JSONL of clip records (from `llark crop`)")
     p.add_argument("--out", required=True, type=Path, help="output JSONL")
-    p.add_argument("--beats-per-bar", type=int, nargs="+", default=[3, 4],
+    p.add_argument("--beats-per-bar", type=int, nargs="+", default=list(DEFAULTS.beats_per_bar),
                    help="the metres the downbeat tracker chooses between")
-    p.add_argument("--silence-dbfs", type=float, default=-80.0,
+    p.add_argument("--silence-dbfs", type=float, default=DEFAULTS.silence_dbfs,
                    help="a clip whose peak is below this gets no features (reason: silent)")
-    p.add_argument("--min-tempo-seconds", type=float, default=3.0,
+    p.add_argument("--min-tempo-seconds", type=float, default=DEFAULTS.min_tempo_s,
                    help="clips shorter than this get no tempo")
     add_runner_options(p)
     p.set_defaults(func=run)

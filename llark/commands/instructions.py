@@ -10,12 +10,8 @@ from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 
 
 def register(sub) -> None:
-    from pipeline.instructions.run import (
-        BACKENDS,
-        DEFAULT_MAX_OUTPUT_TOKENS,
-        DEFAULT_MODELS,
-        REASONING_CLIPS_PER_DATASET,
-    )
+    from pipeline.instructions.run import BACKENDS, DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_MODELS
+    from pipeline.instructions.run import InstructionsConfig as DEFAULTS  # its fields' defaults
 
     p = add_verb(
         sub, "instructions", "write question/answer pairs for each clip and task family (template writer or an LLM)",
@@ -35,13 +31,13 @@ def register(sub) -> None:
     )
     p.add_argument("input", type=Path, nargs="?", help="input JSONL of clip records (with or without augmented features)")
     p.add_argument("--out", type=Path, help="output JSONL of instruction records (required unless --show-prompt)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help="who writes the pairs")
-    p.add_argument("--families", default="understanding,captioning,reasoning",
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULTS.backend, help="who writes the pairs")
+    p.add_argument("--families", default=",".join(DEFAULTS.families),
                    help="comma-separated task families to write (each clip also lists its own)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the template writer and of the caption questions")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the template writer and of the caption questions")
     p.add_argument("--concise-answers", action="store_true",
                    help="template writer: understanding answers state only the fact ('Db major.', '115 BPM.')")
-    p.add_argument("--reasoning-clips-per-dataset", type=int, default=REASONING_CLIPS_PER_DATASET,
+    p.add_argument("--reasoning-clips-per-dataset", type=int, default=DEFAULTS.reasoning_clips_per_dataset,
                    help="at most this many clips per dataset get reasoning pairs (the paper's cap); 0: no cap")
     p.add_argument("--prompts-dir", type=Path, default=None,
                    help="where the prompts are; unset: $LLARK_PROMPTS_DIR, else prompts/ of the checkout, else ./prompts")
@@ -55,10 +51,11 @@ def register(sub) -> None:
     api.add_argument("--base-url", default=None,
                      help="an OpenAI-compatible server, e.g. http://localhost:8000/v1 for vLLM; unset: "
                           "$OPENAI_BASE_URL, else OpenAI")
-    api.add_argument("--api-key-env", default="OPENAI_API_KEY", help="the environment variable holding the API key")
-    api.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (openai)")
-    api.add_argument("--request-timeout", type=float, default=120.0, help="seconds to wait for one reply")
-    api.add_argument("--max-attempts", type=int, default=6,
+    api.add_argument("--api-key-env", default=DEFAULTS.api_key_env, help="the environment variable holding the API key")
+    api.add_argument("--concurrency", type=int, default=DEFAULTS.concurrency, help="requests in flight at once (openai)")
+    api.add_argument("--request-timeout", type=float, default=DEFAULTS.request_timeout_s,
+                     help="seconds to wait for one reply")
+    api.add_argument("--max-attempts", type=int, default=DEFAULTS.max_attempts,
                      help="attempts per request on 429, 5xx, timeouts and connection errors")
     api.add_argument("--max-output-tokens", type=int, default=None,
                      help="reply token limit for every family; unset: "
@@ -80,12 +77,14 @@ def register(sub) -> None:
 
     batch = p.add_argument_group("Batch API (openai-batch)")
     batch.add_argument("--batch-id", default=None, help="collect this batch (e.g. one submitted from another machine)")
-    batch.add_argument("--poll-interval", type=float, default=60.0, help="seconds between status checks")
+    batch.add_argument("--poll-interval", type=float, default=DEFAULTS.batch_poll_s, help="seconds between status checks")
     batch.add_argument("--no-wait", dest="batch_wait", action="store_false",
                        help="submit (and collect what is finished), then exit; rerun to collect the rest")
     batch.add_argument("--max-wait", type=float, default=None, help="stop waiting for batches after this many seconds")
-    batch.add_argument("--batch-max-requests", type=int, default=50_000, help="requests per batch file (API limit 50,000)")
-    batch.add_argument("--batch-max-mb", type=float, default=190.0, help="MB per batch file (API limit 200)")
+    batch.add_argument("--batch-max-requests", type=int, default=DEFAULTS.batch_max_requests,
+                       help="requests per batch file (API limit 50,000)")
+    batch.add_argument("--batch-max-mb", type=float, default=DEFAULTS.batch_max_bytes / 1_000_000,
+                       help="MB per batch file (API limit 200)")
     add_runner_options(p)
     p.set_defaults(func=run)
 

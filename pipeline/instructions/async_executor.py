@@ -25,6 +25,7 @@ from collections import Counter
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import PipelineError
+from pipeline.instructions.chat import ClientSettings
 from pipeline.runner import Stage, StageConfigError, run_item
 
 
@@ -54,7 +55,7 @@ async def run_item_async(process: Callable, row: dict, state: Any) -> dict:
 
 
 class AsyncExecutor:
-    def __init__(self, concurrency: int = 16, redact: Callable[[str], str] | None = None):
+    def __init__(self, concurrency: int = ClientSettings.concurrency, redact: Callable[[str], str] | None = None):
         if concurrency < 1:
             raise StageConfigError(f"--concurrency must be at least 1, got {concurrency}")
         self.concurrency = concurrency

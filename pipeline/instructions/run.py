@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from pipeline.instructions.chat import ClientSettings
 from pipeline.instructions.costs import PriceTable
 from pipeline.instructions.filtering import FilterSettings
 from pipeline.instructions.prompts import PromptSet, load_prompt_set
@@ -37,8 +38,8 @@ from pipeline.instructions.stage import (
     write_items,
     write_with_templates,
 )
-from pipeline.records import TASK_FAMILIES
 from pipeline.files import is_disk_failure, remove_dead_temporaries
+from pipeline.records import TASK_FAMILIES
 from pipeline.runner import OutputLock, Stage, StageConfigError, ledger_path, make_executor, run_stage, stopped_by_disk
 
 log = logging.getLogger("llark")
@@ -65,10 +66,10 @@ class InstructionsConfig:
     models: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MODELS))
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 16
-    request_timeout_s: float = 120.0
-    max_attempts: int = 6
-    backoff_base_s: float = 1.0
+    concurrency: int = ClientSettings.concurrency
+    request_timeout_s: float = ClientSettings.timeout_s
+    max_attempts: int = ClientSettings.max_attempts
+    backoff_base_s: float = ClientSettings.backoff_base_s
     max_output_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAX_OUTPUT_TOKENS))
     temperature: float | None = None
     max_cost: float | None = None
@@ -242,7 +243,7 @@ def run_instructions(cfg: InstructionsConfig, environ: dict | None = None, say: 
 def _run_with_llm(plan: Plan, output: Path):
     from pipeline.instructions.async_executor import AsyncExecutor
     from pipeline.instructions.cache import ReplyCache
-    from pipeline.instructions.chat import ChatClient, ClientSettings, Redactor
+    from pipeline.instructions.chat import ChatClient, Redactor
     from pipeline.instructions.costs import CostBudget
     from pipeline.instructions.llm import LLMRuntime
 
