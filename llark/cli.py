@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from llark.errors import LlarkConfigError
     from pipeline.errors import EXIT_ABORTED, EXIT_CONFIG, EXIT_INTERRUPTED, RunAborted, StageConfigError
     from pipeline.files import describe_os_error, is_disk_failure
     from pipeline.runner import disk_remedy
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except StageConfigError as exc:
+    except (StageConfigError, LlarkConfigError) as exc:
         print(f"llark {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except RunAborted as exc:

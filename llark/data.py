@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from llark.errors import LlarkConfigError, LlarkError
 from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
 from llark.model.llark import pool_frames
 from pipeline.contracts import INDEX_JSON
@@ -55,11 +56,11 @@ log = logging.getLogger("llark")
 CONVERSATIONS = ("pair", "multi_turn")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(LlarkConfigError):
     """Shards that cannot be used for this training run; raised before training starts."""
 
 
-class BadSample(ValueError):
+class BadSample(LlarkError, ValueError):
     """One sample that cannot become a training example (named by its key)."""
 
 

@@ -30,12 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from llark.errors import LlarkError
+
 AUDIO_TOKEN = "<|audio|>"
 IGNORE_INDEX = -100
 RENDER_CACHE_SIZE = 4096  # renderings a formatter keeps (oldest dropped first)
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(LlarkError, ValueError):
     """A conversation that cannot be turned into a correctly supervised training example."""
 
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llark.errors import LlarkConfigError
 from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(LlarkConfigError):
     """A model that cannot be built as asked; the message says what to provide."""
 
 
