@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from llark.options import parse_key_values  # noqa: F401  (the verbs import it from here)
 from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 from pipeline.runner import Executor, RunSummary, Stage, StageConfigError, make_executor, run_stage
 
@@ -58,20 +58,6 @@ def run_stage_from_args(stage: Stage, args) -> int:
         overwrite=args.overwrite, limit=args.limit, progress=args.progress,
     )
     return EXIT_ITEMS_FAILED if args.strict and summary.failed_total else EXIT_OK
-
-
-def parse_key_values(pairs: list[str], option: str = "--set") -> dict:
-    """``KEY=VALUE`` pairs to a dict; values are decoded as JSON when they are JSON (numbers, booleans)."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise StageConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:

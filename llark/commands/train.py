@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llark.commands.common import add_verb, parse_key_values
+from llark.commands.common import add_verb
+from llark.options import parse_key_values
+from pipeline.errors import EXIT_CONFIG, EXIT_OK
 
 
 def register(sub) -> None:
@@ -38,5 +40,5 @@ def run(args) -> int:
         if not isinstance(exc, (TrainConfigError, DataConfigError, ModelConfigError)):
             raise
         print(f"llark train: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_CONFIG
+    return EXIT_OK

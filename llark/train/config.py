@@ -1,0 +1,165 @@
+"""The training config: pydantic sections with the paper's defaults, loaded from YAML plus ``--set``
+overrides; an invalid field is refused with its dotted name."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llark.errors import LlarkConfigError
+
+
+class TrainConfigError(LlarkConfigError):
+    """A config that cannot train; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSection(_Section):
+    r: int = Field(64, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelSection(_Section):
+    lm_path: str = Field("smollm2", description="local HF directory of the chat LM, or 'smollm2' (embedded default)")
+    encoder_dim: int | None = Field(None, ge=1, description="projector input; None: the shards' encoder.json dim")
+    init_from: str | None = Field(None, description="an exported LLark model to continue from (LM + projector)")
+    mode: Literal["full", "projector", "lora"] = "full"
+    lora: LoraSection = LoraSection()
+    quantization: Literal["4bit", "8bit"] | None = None
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = True
+    system_prompt: str | None = None
+    end_of_turn: str | None = None
+    frame_pool: int | None = Field(None, ge=1, description="encoder frames averaged into one audio token; "
+                                   "None: 1 for a new model, model.init_from's otherwise")
+    projector_init: Literal["standardise", "default"] = Field(
+        "standardise", description="a new projector: 'standardise' centres and scales the training frames to the "
+        "spread of the LM's token embeddings (statistics from the first projector_init_samples samples); "
+        "'default': PyTorch's nn.Linear init")
+    projector_init_samples: int = Field(512, ge=1)
+
+
+class DataSection(_Section):
+    shards: list[str] = Field(default_factory=list, description="shard directories (each with index.json, encoder.json)")
+    split: str = "train"
+    task_families: list[Literal["understanding", "captioning", "reasoning"]] | None = None
+    conversation: Literal["pair", "multi_turn"] = "pair"
+    max_seq_len: int = Field(2048, ge=16)
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(256, ge=1)
+    group_shards: int = Field(4, ge=1)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    pad_to_multiple_of: int = Field(8, ge=1)
+    questions: str | None = Field(None, description="a regular expression: train only on Q/A pairs whose "
+                                  "question matches it (case-insensitive); None: all pairs")
+
+    @field_validator("questions")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from None
+        return value
+
+
+class OptimSection(_Section):
+    lr: float = Field(5e-5, gt=0)
+    projector_lr: float | None = Field(None, gt=0, description="the projector's peak LR (a new projector "
+                                       "starts from random weights); None: optim.lr")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(3000, ge=0)
+    max_steps: int = Field(100_000, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0: no clipping")
+
+
+class TrainConfig(_Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    global_batch: int = Field(32, ge=1)
+    micro_batch: int = Field(4, ge=1)
+    grad_accum: int | None = Field(None, ge=1, description="None: global_batch / (micro_batch x world size)")
+    deepspeed: str = Field("launch/zero2.json", description="DeepSpeed JSON (ZeRO stage, offload, precision)")
+    output_dir: str = "runs/train"
+    save_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    tf32: bool = True
+    retain_freed_cpu_memory: bool = Field(True, description="on CPU: keep freed buffers in the process's heap "
+                                          "(glibc) so that DeepSpeed's per-step gradient buffers are not "
+                                          "page-faulted back in every step; faster steps, higher resident peak")
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    resume: str = Field("auto", description="auto: latest complete checkpoint in output_dir; never; or a checkpoint dir")
+    export: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.optim.warmup_steps > self.optim.max_steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) > optim.max_steps ({self.optim.max_steps})")
+        if self.model.quantization and self.model.mode != "lora":
+            raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        return self
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step such that micro_batch x grad_accum x world_size == global_batch."""
+        per_step = self.micro_batch * world_size
+        accum = self.grad_accum if self.grad_accum is not None else self.global_batch // per_step
+        if accum < 1 or self.micro_batch * accum * world_size != self.global_batch:
+            raise TrainConfigError(
+                f"global_batch ({self.global_batch}) != micro_batch ({self.micro_batch}) x grad_accum "
+                f"({self.grad_accum if self.grad_accum is not None else 'derived'}) x world size ({world_size}); "
+                "choose micro_batch and grad_accum so that the product is global_batch"
+            )
+        return accum
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A YAML file (optional) plus ``dotted.key: value`` overrides, validated; a bad field is named."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of settings")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"--set {key}: {p} is not a section")
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise TrainConfigError(f"invalid training config ({path or 'defaults'}): {problems}") from None
+
+
+def check_run_settings(cfg: TrainConfig, world_size: int, zero_stage: int) -> None:
+    """What the config alone cannot tell: combinations refused for this many processes and this ZeRO stage."""
+    if zero_stage == 3 and cfg.model.mode == "lora":
+        raise TrainConfigError("model.mode: lora with ZeRO-3 is not supported here; LoRA trains few parameters: "
+                               "use launch/zero2.json")
+    if cfg.model.quantization and world_size > 1 and zero_stage == 3:
+        raise TrainConfigError("model.quantization (QLoRA) with ZeRO-3 is not supported; use launch/zero2.json")
+    if not cfg.data.shards:
+        raise TrainConfigError("data.shards: give the shards directory (the output of `llark shards`)")
