@@ -21,6 +21,10 @@ projector sees the same values it was trained on.
 
 Generation is greedy unless ``do_sample`` (then ``temperature`` and ``top_p``, seeded). Prompts
 of a batch are left-padded; each row carries its own number of audio frames.
+
+:class:`Answerer` answers :class:`Request` s (a question about an audio file or precomputed frames)
+in batches, each audio file encoded once and each frames file read once, for ``llark ask`` and
+anything else that serves questions.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from llark.errors import LlarkConfigError
 
 WINDOW_S = 25.0
 MIN_WINDOW_S = 1.0
 DEFAULT_MAX_SECONDS = WINDOW_S
 
 
-class InferenceError(ValueError):
+class InferenceError(LlarkConfigError):
     """A model, encoder or input that cannot be used as asked; the message says what to do."""
 
 
@@ -239,3 +244,71 @@ def read_frames(path: str | os.PathLike, dim: int) -> np.ndarray:
     if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1 or not np.isfinite(array).all():
         raise InferenceError(f"{path}: frames of shape {array.shape} ({array.dtype}); expected finite [frames, {dim}]")
     return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Answering requests
+
+
+@dataclass(frozen=True)
+class Request:
+    """One question about one audio file (encoded with the model's encoder) or precomputed frames (.npy)."""
+
+    question: str
+    audio: str | None = None
+    frames: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.question, str) or not self.question.strip() or \
+                (self.audio is None) == (self.frames is None):
+            raise InferenceError("needs a question and one of audio or frames")
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """``("frames", path)`` or ``("audio", path)``."""
+        return ("frames", self.frames) if self.frames is not None else ("audio", self.audio)
+
+
+class Answerer:
+    """Answers requests with a loaded model, ``batch_size`` questions generated together. Every audio
+    file is encoded once (the encoder, the one the model was trained on, is built on first need,
+    with ``encoder_options``) and every frames file read once, however many questions ask about it."""
+
+    def __init__(self, llark: Llark, encoder_options: dict[str, Any] | None = None, start_s: float = 0.0,
+                 max_seconds: float = DEFAULT_MAX_SECONDS, batch_size: int = 8):
+        self.llark = llark
+        self.encoder_options = dict(encoder_options or {})
+        self.start_s, self.max_seconds, self.batch_size = start_s, max_seconds, batch_size
+        self._encoder = None
+        self._frames: dict[tuple[str, str], tuple[np.ndarray, list[tuple[float, float]] | None]] = {}
+
+    def frames(self, request: Request) -> tuple[np.ndarray, list[tuple[float, float]] | None]:
+        """The request's ``[frames, dim]`` and the windows encoded (None for a frames file)."""
+        kind, path = request.source
+        if (kind, path) not in self._frames:
+            if kind == "frames":
+                self._frames[kind, path] = (read_frames(path, self.llark.encoder_dim), None)
+            else:
+                if self._encoder is None:
+                    self._encoder = build_encoder_for(self.llark, self.encoder_options)
+                self._frames[kind, path] = encode_file(path, self._encoder, self.start_s, self.max_seconds)
+        return self._frames[kind, path]
+
+    def answer(self, requests: Sequence[Request], settings: GenerationSettings = GenerationSettings()) -> list[dict]:
+        """One result per request, in order: its source, question, answer, frame count, windows, model
+        and generation settings. Every input is read before the first answer is generated."""
+        for request in requests:
+            self.frames(request)
+        results = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            encoded = [self.frames(r) for r in batch]
+            answers = self.llark.answer([r.question for r in batch], [frames for frames, _ in encoded], settings)
+            for request, (frames, spans), answer in zip(batch, encoded, answers):
+                kind, path = request.source
+                results.append({
+                    kind: path, "question": request.question, "answer": answer, "frames": int(frames.shape[0]),
+                    "windows": [[round(a, 3), round(b, 3)] for a, b in spans] if spans else None,
+                    "model": str(self.llark.source), "generation": settings.to_dict(),
+                })
+        return results

@@ -120,6 +120,24 @@ def test_sampling_is_seeded(tiny_model):
     assert llark.answer(["Hi?"], audio, settings) == llark.answer(["Hi?"], audio, settings)
 
 
+def test_answerer_reads_each_input_once_and_keeps_the_order(tiny_model, tmp_path, monkeypatch):
+    import llark.inference as inference
+
+    frames = tmp_path / "clip.npy"
+    np.save(frames, np.zeros((6, FEATURES_DIM), dtype=np.float16), allow_pickle=False)
+    reads = []
+    read_frames = inference.read_frames
+    monkeypatch.setattr(inference, "read_frames", lambda path, dim: reads.append(path) or read_frames(path, dim))
+    answerer = inference.Answerer(load(tiny_model, dtype="float32", device="cpu"), batch_size=2)
+    questions = ["Key?", "Tempo?", "Genre?"]
+    results = answerer.answer([inference.Request(q, frames=str(frames)) for q in questions],
+                              GenerationSettings(max_new_tokens=3))
+    assert reads == [str(frames)]
+    assert [r["question"] for r in results] == questions and all(r["frames"] == 6 for r in results)
+    with pytest.raises(InferenceError, match="one of audio or frames"):
+        inference.Request("Key?", audio="a.wav", frames=str(frames))
+
+
 def test_answer_rejects_wrong_frame_dimension(tiny_model):
     llark = load(tiny_model, dtype="float32", device="cpu")
     with pytest.raises(InferenceError, match=r"\[frames, 128\]"):

@@ -1,17 +1,19 @@
 """``llark evaluate`` over an evaluation set: items from clip records and embeddings, the
 shuffled-audio control, resume, predictions, summary, report and confusion matrices; the
-command on a tiny exported model."""
+command on a tiny exported model; the task registry (references, labels, a task added by a test)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from llark.evaluate import run as eval_run
+from llark.evaluate import stats, tasks
 from llark.evaluate.report import confusion, summary_table
 
 KEYS = ["C major", "A minor", "Eb major", "F# minor", "G major", "D minor"]
@@ -98,7 +100,7 @@ def test_build_items(tmp_path):
     clips, emb = make_eval_set(tmp_path)
     items = eval_run.build_items(clips, emb, ["key", "tempo"], splits=["valid", "test"])
     assert len(items) == 12  # 6 clips with embeddings x 2 tasks; demo-99999 has none
-    assert {i.question for i in items} == {eval_run.PROMPTS["key"], eval_run.PROMPTS["tempo"]}
+    assert {i.question for i in items} == {tasks.get("key").prompt, tasks.get("tempo").prompt}
     assert items[0].reference == "C major" and items[1].reference == 120.0
     assert len(eval_run.build_items(clips, emb, ["key"], splits=["valid"])) == 3
     with pytest.raises(eval_run.EvalConfigError, match="unknown tasks"):
@@ -241,4 +243,70 @@ def test_evaluate_command_on_a_tiny_model(tmp_path, capsys):
     ("tempo", "giantsteps_tempo", {"tempo_bpm": 0}, None),
 ])
 def test_references_of_ingested_datasets(task, dataset, annotations, expected):
-    assert eval_run.reference(task, dataset, annotations) == expected
+    from pipeline.records import ClipRecord
+
+    record = ClipRecord(id="clip", dataset=dataset, split="test", audio_path="/x/clip.wav", annotations=annotations)
+    assert tasks.get(task).reference(record) == expected
+
+
+def test_labels_come_before_annotations():
+    record = SimpleNamespace(dataset="somewhere", annotations={"key": "C major"},
+                             labels={"key": "Eb  minor", "tempo_bpm": 96, "genre": "Jazz",
+                                     "vocabularies": {"genre": ["Jazz", "Rock"]}})
+    assert tasks.get("key").reference(record) == "Eb minor"
+    assert tasks.get("tempo").reference(record) == 96.0
+    assert tasks.get("metre").reference(record) is None
+    assert tasks.get("genre").vocabulary(record) == ["Jazz", "Rock"]
+    rows = [{"item": "a:genre", "clip_id": "a", "dataset": "somewhere", "task": "genre", "reference": "Jazz",
+             "answer": "Smooth jazz."}]
+    _, metrics, notes = eval_run.score_rows(rows, bag_of_words, {"genre/somewhere": ["Jazz", "Rock"]})
+    assert metrics["genre/somewhere"]["labels"] == ["Jazz", "Rock"]
+    assert notes == {"genre_embedding_model": "bag_of_words"}
+
+
+# ---------------------------------------------------------------------------------------------
+# A task added by one file: registered here, it runs through the whole driver.
+
+
+def _pace(record):
+    bpm = record.annotations.get("tempo_bpm")
+    return None if bpm is None else ("fast" if bpm >= 100 else "slow")
+
+
+def _score_pace(rows, context):
+    refs, parsed = tasks.columns(rows)
+    correct = [r == p for r, p in zip(refs, parsed)]
+    return [{"score": float(c)} for c in correct], {"accuracy": stats.accuracy(correct)}
+
+
+PACE = tasks.Task(name="pace", prompt="Is this song fast or slow?", reference=_pace,
+                  parse=tasks.each(lambda a: next((w for w in ("fast", "slow") if w in a.lower()), None)),
+                  score=_score_pace, headline=("accuracy",), max_new_tokens=8)
+
+
+@pytest.fixture
+def pace_task():
+    tasks.register(PACE)
+    yield PACE
+    del tasks.REGISTRY[PACE.name]
+
+
+def test_a_registered_task_runs_through_the_driver(tmp_path, pace_task):
+    clips, emb = make_eval_set(tmp_path)
+
+    class Pacer(OracleModel):
+        def answer(self, questions, audios, settings=None):
+            assert settings.max_new_tokens == 8
+            return ["Rather fast." if TEMPI[int(round(float(a[0, 0])))] >= 100 else "Slow." for a in audios]
+
+    assert "pace" in tasks.names() and tasks.names()[0] == "key"
+    out = tmp_path / "eval"
+    summary = eval_run.evaluate(Pacer(), clips, emb, out, ["pace"], embed=bag_of_words)
+    real = summary["conditions"]["real"]["pace/demo"]
+    assert real["accuracy"]["value"] == 1.0 and real["n"] == 6 and real["distinct_parsed"] == 2
+    assert json.loads((out / "run.json").read_text())["max_new_tokens"]["pace"] == 8
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {r["parsed"] for r in rows} == {"fast", "slow"} and all(r["score"] == 1.0 for r in rows)
+    assert "| pace | demo | accuracy | 1.000 [" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="already registered"):
+        tasks.register(tasks.Task(**{**PACE.__dict__, "prompt": "Fast?"}))

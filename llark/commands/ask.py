@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llark.commands.common import add_generation_options, add_verb, parse_key_values
+from llark.commands.common import add_generation_options, add_verb
+from llark.options import parse_key_values
+
+if TYPE_CHECKING:
+    from llark.inference import Request
 
 
 def register(sub) -> None:
@@ -46,7 +51,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from llark.inference import GenerationSettings, InferenceError
+    from llark.inference import Answerer, GenerationSettings, InferenceError, Request, load
+    from pipeline.files import json_line, write_jsonl
 
     try:
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
@@ -60,20 +66,20 @@ def run(args) -> int:
                 args.question, args.audio = str(args.audio), None  # `ask CKPT "question" --frames F`
             if args.question is None or (args.audio is None) == (args.frames is None):
                 raise InferenceError("give AUDIO and a QUESTION (or --frames FILE and a QUESTION, or --batch FILE)")
-            requests = [{"audio": str(args.audio) if args.audio else None,
-                         "frames": str(args.frames) if args.frames else None, "question": args.question}]
-        results = answer_requests(args.checkpoint, requests, settings, args.start, args.max_seconds,
-                                  {k: v for k, v in parse_key_values(args.encoder_option or [], "--encoder-option").items()},
-                                  args.dtype, args.device)
+            requests = [Request(args.question, audio=str(args.audio) if args.audio else None,
+                                frames=str(args.frames) if args.frames else None)]
+        encoder_options = parse_key_values(args.encoder_option or [], "--encoder-option")
+        answerer = Answerer(load(args.checkpoint, args.dtype, args.device), encoder_options, args.start,
+                            args.max_seconds)
+        results = answerer.answer(requests, settings)
     except InferenceError as exc:
         print(f"llark ask: error: {exc}", file=sys.stderr)
         return 2
     if args.batch is not None:
-        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
         if args.out:
-            args.out.write_text(lines, encoding="utf-8")
+            write_jsonl(args.out, results)
         else:
-            sys.stdout.write(lines)
+            sys.stdout.write("".join(json_line(r) for r in results))
     elif args.json:
         print(json.dumps(results[0], ensure_ascii=False, indent=2))
     else:
@@ -81,9 +87,9 @@ def run(args) -> int:
     return 0
 
 
-def read_batch(path: Path) -> list[dict]:
+def read_batch(path: Path) -> list[Request]:
     """Requests from JSON lines ``{"audio", "question"}`` (or ``"frames"``) or ``AUDIO<TAB>QUESTION`` lines."""
-    from llark.inference import InferenceError
+    from llark.inference import InferenceError, Request
 
     if not path.is_file():
         raise InferenceError(f"--batch: {path} does not exist")
@@ -101,43 +107,10 @@ def read_batch(path: Path) -> list[dict]:
             if len(parts) != 2:
                 raise InferenceError(f"{path}: line {number}: expected AUDIO<TAB>QUESTION or a JSON object")
             obj = {"audio": parts[0], "question": parts[1]}
-        if not isinstance(obj.get("question"), str) or not obj["question"].strip() or \
-                (obj.get("audio") is None) == (obj.get("frames") is None):
-            raise InferenceError(f"{path}: line {number}: needs a question and one of audio or frames")
-        requests.append({"audio": obj.get("audio"), "frames": obj.get("frames"), "question": obj["question"]})
+        try:
+            requests.append(Request(obj.get("question"), audio=obj.get("audio"), frames=obj.get("frames")))
+        except InferenceError as exc:
+            raise InferenceError(f"{path}: line {number}: {exc}") from None
     if not requests:
         raise InferenceError(f"--batch: {path} holds no question")
     return requests
-
-
-def answer_requests(checkpoint: Path, requests: list[dict], settings, start_s: float, max_seconds: float,
-                    encoder_options: dict, dtype: str = "auto", device: str | None = None,
-                    batch_size: int = 8) -> list[dict]:
-    """Answer each request; audio files are encoded once each, frames files read once each."""
-    from llark.inference import build_encoder_for, encode_file, load, read_frames
-
-    llark = load(checkpoint, dtype, device)
-    encoder = None
-    encoded: dict[tuple[str, str], tuple] = {}
-    for r in requests:
-        source = ("frames", r["frames"]) if r.get("frames") else ("audio", r["audio"])
-        if source in encoded:
-            continue
-        if source[0] == "frames":
-            encoded[source] = (read_frames(source[1], llark.encoder_dim), None)
-        else:
-            encoder = encoder or build_encoder_for(llark, encoder_options)
-            encoded[source] = encode_file(source[1], encoder, start_s, max_seconds)
-    results = []
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i:i + batch_size]
-        sources = [("frames", r["frames"]) if r.get("frames") else ("audio", r["audio"]) for r in batch]
-        answers = llark.answer([r["question"] for r in batch], [encoded[s][0] for s in sources], settings)
-        for r, s, answer in zip(batch, sources, answers):
-            frames, spans = encoded[s]
-            results.append({
-                s[0]: s[1], "question": r["question"], "answer": answer, "frames": int(frames.shape[0]),
-                "windows": [[round(a, 3), round(b, 3)] for a, b in spans] if spans else None,
-                "model": str(checkpoint), "generation": settings.to_dict(),
-            })
-    return results

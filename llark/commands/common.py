@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from llark.options import parse_key_values  # noqa: F401  (the verbs import it from here)
 from pipeline.errors import EXIT_ITEMS_FAILED, EXIT_OK
 from pipeline.runner import Executor, RunSummary, Stage, StageConfigError, make_executor, run_stage
 

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llark.commands.common import add_generation_options, add_verb, parse_key_values
+from llark.commands.common import add_generation_options, add_verb
+from llark.options import parse_key_values
 
 
 def register(sub) -> None:
-    from llark.evaluate.run import PROMPTS, TASKS
+    from llark.evaluate.run import max_new_tokens_defaults
+    from llark.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS, registered
 
     from llark.commands.embed import OptionalDefaultsFormatter
 
+    tasks = registered()
+    names = [task.name for task in tasks]
+    prompts = "; ".join(f"{task.name}: {task.prompt!r}" for task in tasks if task.name in ("key", "tempo", "metre"))
+    lengths = ", ".join(f"{name} {n}" for name, n in max_new_tokens_defaults().items())
     p = add_verb(
         sub, "evaluate", "score a trained model on evaluation clips (key, tempo, genre, instruments, captions, ...)",
         "Ask a trained model the papers' questions about every evaluation clip and score its answers.\n\n"
@@ -19,7 +25,7 @@ def register(sub) -> None:
         "or augmented.jsonl of an ingested evaluation set: giantsteps_key, giantsteps_tempo, gtzan,\n"
         "medleydb, musicnet test, musiccaps test, or the demo data's valid/test splits) and their\n"
         "embeddings (`llark embed`, the same encoder as the model's).\n\n"
-        "Tasks: " + ", ".join(TASKS) + " (each clip gets the tasks its dataset has references for).\n\n"
+        "Tasks: " + ", ".join(names) + " (each clip gets the tasks its dataset has references for).\n\n"
         "Output, in --out: generations.jsonl (answers, written as they come; a rerun resumes),\n"
         "predictions.jsonl (question, reference, answer, parsed value, score, unparseable),\n"
         "summary.json (metrics with 95% intervals), report.md and confusion_*.png (key, genre).\n"
@@ -32,18 +38,17 @@ def register(sub) -> None:
     p.add_argument("--clips", type=Path, help="clip records JSONL (clips.jsonl or augmented.jsonl)")
     p.add_argument("--embeddings", type=Path, help="the embed stage's directory for these clips")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument("--tasks", default=",".join(names), help="comma-separated tasks")
     p.add_argument("--split", default=None, help="comma-separated splits to evaluate (default: all records)")
     p.add_argument("--dataset", default=None, help="comma-separated datasets to evaluate (default: all)")
     p.add_argument("--prompt", action="append", default=None, metavar="TASK=TEXT",
-                   help="replace a task's question (defaults: " + "; ".join(f"{k}: {v!r}" for k, v in PROMPTS.items()
-                                                                          if k in ("key", "tempo", "metre")) + "; ...)")
+                   help=f"replace a task's question (defaults: {prompts}; ...)")
     p.add_argument("--shuffle-control", action="store_true", help="also run with embeddings shuffled across clips")
     p.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffled-audio control")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many clips")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     p.add_argument("--max-new-tokens", action="append", default=None, metavar="TASK=N",
-                   help="answer length limit per task (default 64; captions 256, beats 384)")
+                   help=f"answer length limit per task (default {DEFAULT_MAX_NEW_TOKENS}; {lengths})")
     add_generation_options(p)
     p.add_argument("--overwrite", action="store_true", help="discard earlier answers in --out and start over")
     p.add_argument("--rescore", action="store_true", help="only re-score the answers already in --out")

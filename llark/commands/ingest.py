@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llark.commands.common import add_verb, parse_key_values
-from pipeline.ingest import ADAPTER_MODULES
+from llark.commands.common import add_verb
+from llark.options import parse_key_values
 from pipeline.errors import EXIT_OK
+from pipeline.ingest import ADAPTER_MODULES
 
 
 def register(sub) -> None:

@@ -5,7 +5,9 @@
   :mod:`~llark.evaluate.instruments` (precision, recall, F1), :mod:`~llark.evaluate.captions`
   (BLEU, METEOR, ROUGE-L, CIDEr), :mod:`~llark.evaluate.beats` (F-measure at 20 ms),
   :mod:`~llark.evaluate.metre` (beats per bar): each with a module docstring giving its
-  conventions and citations, a ``validate()``, pure metric functions and ``evaluate()``;
+  conventions and citations, a ``validate()``, pure metric functions and ``evaluate()``, then
+  its evaluation task (question, references, parser, scorer) registered in
+  :mod:`~llark.evaluate.tasks`, the registry and its one interface;
 - :mod:`~llark.evaluate.parse`: reading values out of free-text answers (kept apart from scoring);
 - :mod:`~llark.evaluate.stats`: Clopper-Pearson and bootstrap intervals;
 - :mod:`~llark.evaluate.run`: a model over an evaluation set (with the shuffled-audio control);

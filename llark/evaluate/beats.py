@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 
 from llark.evaluate import stats
+from llark.evaluate.parse import parse_times
+from llark.evaluate.tasks import Task, columns, each, label, register
 
 F_MEASURE_THRESHOLD = 0.02
 
@@ -70,3 +72,29 @@ def evaluate(reference_beats: Sequence[np.ndarray], estimated_beats: Sequence[np
         raise ValueError("no beat lists to evaluate")
     return {"f_measure": stats.mean([f_measure(r, e, threshold, min_beat_time)
                                      for r, e in zip(reference_beats, estimated_beats)])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+PROMPT = ("Identify and list the timestamps of all beats in this audio track. Use the format of "
+          "'0.0s,0.54s,1.0s, ...'")
+
+
+def reference(record) -> list[float] | None:
+    """The beat times in the clip: its labels' ``beats`` (seconds), else the demo's beats in the clip."""
+    beats = label(record, "beats")
+    if beats is None and record.dataset == "demo":
+        beats = [b["time"] for b in (record.annotations.get("in_clip") or {}).get("beats") or []]
+    return [round(float(b), 6) for b in beats] if beats else None
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, parsed = columns(rows)
+    refs = [np.array(r) for r in refs]
+    parsed = [None if p is None else np.array(p) for p in parsed]
+    return [{"score": f_measure(r, p)} for r, p in zip(refs, parsed)], evaluate(refs, parsed)
+
+
+TASK = register(Task(name="beats", prompt=PROMPT, reference=reference, parse=each(parse_times), score=score,
+                     headline=("f_measure",), max_new_tokens=384))

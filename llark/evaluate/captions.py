@@ -30,8 +30,11 @@ from __future__ import annotations
 import shutil
 from typing import Sequence
 
+from llark.errors import LlarkError
+from llark.evaluate.tasks import Task, columns, each, label, register
 
-class MetricUnavailable(RuntimeError):
+
+class MetricUnavailable(LlarkError, RuntimeError):
     """A metric whose implementation cannot run here; the message says what to install."""
 
 
@@ -92,3 +95,31 @@ def evaluate(references: Sequence[Sequence[str]], candidates: Sequence[str | Non
         per_item[name] = [float(x) for x in items]
     out["per_item"] = per_item
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+
+def reference(record) -> list[str] | None:
+    """The clip's reference captions: its labels' ``caption``, else MusicCaps' caption."""
+    caption = label(record, "caption")
+    if caption is None and record.dataset == "musiccaps":
+        caption = record.annotations.get("caption")
+    return [caption] if isinstance(caption, str) and caption.strip() else None
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, parsed = columns(rows)
+    try:
+        result = evaluate(refs, parsed)
+    except MetricUnavailable as exc:
+        return [{"score": None} for _ in rows], {"unavailable": str(exc)}
+    per_item = result.pop("per_item")
+    per_row = [{"score": per_item["meteor"][i], **{k: v[i] for k, v in per_item.items()}} for i in range(len(rows))]
+    return per_row, result
+
+
+TASK = register(Task(name="captions", prompt="Describe the contents of the provided audio in detail.",
+                     reference=reference, parse=each(lambda answer: answer if answer and answer.strip() else None),
+                     score=score, headline=("bleu_4", "meteor", "rouge_l", "cider"), max_new_tokens=256))

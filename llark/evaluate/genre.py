@@ -3,7 +3,8 @@
 
 Conventions
 -----------
-A closed vocabulary of labels per dataset (GTZAN's ten genres; the demo's five styles).
+A closed vocabulary of labels per dataset: the one the clips' labels carry, else GTZAN's ten
+genres, the demo's five styles, or the labels as they occur in the evaluated references (MedleyDB).
 ``label_texts`` gives the text that stands for a label where the dataset's spelling is not a
 phrase (GTZAN's folder ``hiphop`` is embedded as "hip-hop").
 
@@ -25,13 +26,15 @@ Both are accuracies with 95% Clopper-Pearson intervals.
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from llark.evaluate import stats
 from llark.evaluate.parse import parse_label_strict
+from llark.evaluate.tasks import Task, columns, label, label_vocabulary, register
 
 Embed = Callable[[list[str]], np.ndarray]
 GTZAN_LABELS = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
@@ -118,3 +121,71 @@ class SentenceEmbedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.model.encode(list(texts), batch_size=64, normalize_embeddings=True,
                                             show_progress_bar=False), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+DATASETS = ("gtzan", "medleydb", "demo")
+LABEL_TEXTS = {"gtzan": GTZAN_LABEL_TEXTS}
+
+
+def reference(record) -> str | None:
+    """The clip's genre: its labels' ``genre``, else GTZAN's, MedleyDB's or the demo's."""
+    genre = label(record, "genre")
+    if genre is None and record.dataset in DATASETS:
+        genre = record.annotations.get("genre")
+    return genre if isinstance(genre, str) and genre else None
+
+
+def dataset_labels(dataset: str, references: Iterable[str]) -> list[str]:
+    """The genre vocabulary of a dataset whose clips carry none."""
+    if dataset == "gtzan":
+        return list(GTZAN_LABELS)
+    if dataset == "demo":
+        from pipeline.demo_data import STYLES
+
+        return [s.name for s in STYLES]
+    return sorted(set(references))
+
+
+def vocabulary(context, references: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """(labels, label texts) of the evaluated group."""
+    labels = list(context.vocabulary) if context.vocabulary else dataset_labels(context.dataset, references)
+    return labels, dict(LABEL_TEXTS.get(context.dataset, {}))
+
+
+@functools.lru_cache(maxsize=1)
+def default_embedder() -> SentenceEmbedder:
+    return SentenceEmbedder()
+
+
+def parse(rows, context) -> list[str | None]:
+    """The label nearest to each answer (the acc1_embedding reading)."""
+    labels, texts = vocabulary(context, [r["reference"] for r in rows])
+    embed = context.embed if context.embed is not None else default_embedder()
+    context.notes["genre_embedding_model"] = (getattr(embed, "name", None) or getattr(embed, "__name__", None)
+                                              or type(embed).__name__)
+    return nearest_labels([r["answer"] for r in rows], labels, embed, texts)
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, nearest_parsed = columns(rows)
+    labels, texts = vocabulary(context, refs)
+    strict = strict_labels([r["answer"] for r in rows], labels, texts)
+    result = evaluate(refs, nearest_parsed, strict, labels)
+    result["labels"] = labels
+    result["unparseable_strict"] = sum(s is None for s in strict)
+    per_row = [{"score": float(r == p), "parsed_strict": s, "correct_strict": r == s, "unparseable_strict": s is None}
+               for r, p, s in zip(refs, nearest_parsed, strict)]
+    return per_row, result
+
+
+def confusion(rows, metrics) -> tuple[list[str], list, list]:
+    refs, parsed = columns(rows)
+    return metrics["labels"], refs, parsed
+
+
+TASK = register(Task(name="genre", prompt="What genre is this song?", reference=reference, parse=parse, score=score,
+                     headline=("acc1_embedding", "acc_strict"), confusion=confusion,
+                     vocabulary=lambda record: label_vocabulary(record, "genre")))

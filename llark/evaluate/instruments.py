@@ -26,11 +26,16 @@ label's precision, recall and support.
 
 from __future__ import annotations
 
+import logging
 from typing import AbstractSet, Mapping, Sequence
 
 import numpy as np
 
 from llark.evaluate import stats
+from llark.evaluate.parse import parse_instruments
+from llark.evaluate.tasks import EvalConfigError, Task, columns, label, register
+
+log = logging.getLogger("llark")
 
 MUSICNET = {
     "piano": ["pianoforte", "grand piano"],
@@ -141,3 +146,60 @@ def evaluate(reference_sets: Sequence[AbstractSet[str]], estimated_sets: Sequenc
         "f1_per_item": float(np.mean([item_f1(set(r), e) for r, e in zip(reference_sets, estimated_sets)])),
         "per_label": per_label,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+DATASET_VOCABULARIES = {"musicnet": "musicnet", "medleydb": "general_midi", "demo": "demo"}
+
+
+def _in_clip(annotations: dict, key: str):
+    in_clip = annotations.get("in_clip") or {}
+    return in_clip.get(key) if key in in_clip else annotations.get(key)
+
+
+def reference(record) -> list[str] | None:
+    """The instruments heard in the clip: its labels' ``instruments``, else MusicNet's instruments and
+    MedleyDB's families of the window the model heard (``in_clip``, where the crop stage wrote it), or
+    the demo's instruments."""
+    found = label(record, "instruments")
+    if found is None:
+        a = record.annotations
+        if record.dataset == "musicnet":
+            found = _in_clip(a, "instruments")
+        elif record.dataset == "medleydb":
+            found = _in_clip(a, "instrument_families")
+        elif record.dataset == "demo":
+            found = a.get("instruments")
+    return sorted(found) if isinstance(found, list) else None
+
+
+def dataset_vocabulary(dataset: str) -> dict[str, list[str]]:
+    if dataset not in DATASET_VOCABULARIES:
+        raise EvalConfigError(f"no instrument vocabulary for dataset {dataset!r}")
+    return VOCABULARIES[DATASET_VOCABULARIES[dataset]]
+
+
+def parse(rows, context) -> list[list[str] | None]:
+    vocabulary = dataset_vocabulary(context.dataset)
+    found = [parse_instruments(r["answer"], vocabulary) for r in rows]
+    return [sorted(f) if f is not None else None for f in found]
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    vocabulary = dataset_vocabulary(context.dataset)
+    refs, parsed = columns(rows)
+    found = [set(p) if p is not None else None for p in parsed]
+    ref_sets = [set(r) & set(vocabulary) for r in refs]
+    outside = sorted({x for r in refs for x in r} - set(vocabulary))
+    if outside:
+        log.warning("evaluate: instruments/%s: reference labels outside the vocabulary are not scored: %s",
+                    context.dataset, ", ".join(outside))
+    per_row = [{"score": item_f1(r, f)} for r, f in zip(ref_sets, found)]
+    return per_row, evaluate(ref_sets, found, vocabulary)
+
+
+PROMPT = "List the instruments you hear in this clip, including vocals and drums."
+TASK = register(Task(name="instruments", prompt=PROMPT, reference=reference, parse=parse, score=score,
+                     headline=("f1", "precision", "recall")))

@@ -38,6 +38,8 @@ from collections import Counter
 from typing import Sequence
 
 from llark.evaluate import stats
+from llark.evaluate.parse import CANONICAL_TONIC, key_label, parse_key
+from llark.evaluate.tasks import Task, columns, each, label, register
 
 MODES = ("major", "minor")
 _TONICS = {"c": 0, "c#": 1, "db": 1, "d": 2, "d#": 3, "eb": 3, "e": 4, "f": 5, "f#": 6, "gb": 6, "g": 7,
@@ -108,3 +110,36 @@ def evaluate(reference_keys: Sequence[str], estimated_keys: Sequence[str | None]
     for kind in RELATIONSHIPS:
         out[f"fraction_{kind}"] = counts[kind] / len(kinds)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+ALL_KEYS = [f"{t} major" for t in CANONICAL_TONIC] + [f"{t} minor" for t in CANONICAL_TONIC]
+
+
+def reference(record) -> str | None:
+    """The clip's key: its labels' ``key``, else GiantSteps' mir_eval spelling or the demo's key."""
+    key = label(record, "key")
+    if key is None and record.dataset in ("giantsteps_key", "demo"):
+        key = record.annotations.get("key_mir_eval") or record.annotations.get("key")
+    return " ".join(key.split()) if isinstance(key, str) else None
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, parsed = columns(rows)
+    return [{"score": weighted_score(r, p)} for r, p in zip(refs, parsed)], evaluate(refs, parsed)
+
+
+def canonical(key: str | None) -> str | None:
+    """One spelling per key (``'D# minor'`` → ``'Eb minor'``), None kept."""
+    return None if key is None else key_label(*split_key(key))
+
+
+def confusion(rows, metrics) -> tuple[list[str], list, list]:
+    refs, parsed = columns(rows)
+    return ALL_KEYS, [canonical(r) for r in refs], [canonical(p) for p in parsed]
+
+
+TASK = register(Task(name="key", prompt="What is the key of this song?", reference=reference, parse=each(parse_key),
+                     score=score, headline=("mirex", "accuracy"), confusion=confusion))

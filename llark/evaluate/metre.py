@@ -17,6 +17,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from llark.evaluate import stats
+from llark.evaluate.parse import parse_metre
+from llark.evaluate.tasks import Task, columns, each, label, register
 
 
 def validate(reference_beats_per_bar: Sequence[int], estimated_beats_per_bar: Sequence[int | None]) -> None:
@@ -37,3 +39,24 @@ def evaluate(reference_beats_per_bar: Sequence[int], estimated_beats_per_bar: Se
     if not reference_beats_per_bar:
         raise ValueError("no metres to evaluate")
     return {"accuracy": stats.accuracy([r == e for r, e in zip(reference_beats_per_bar, estimated_beats_per_bar)])}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+
+def reference(record) -> int | None:
+    """The clip's beats per bar: its labels' ``beats_per_bar``, else the demo's."""
+    n = label(record, "beats_per_bar")
+    if n is None and record.dataset == "demo":
+        n = record.annotations.get("beats_per_bar")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, parsed = columns(rows)
+    return [{"score": float(r == p)} for r, p in zip(refs, parsed)], evaluate(refs, parsed)
+
+
+TASK = register(Task(name="metre", prompt="What is the time signature of this song?", reference=reference,
+                     parse=each(parse_metre), score=score, headline=("accuracy",)))

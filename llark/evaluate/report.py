@@ -3,9 +3,9 @@
 ``report.md`` in the run directory holds: what was evaluated (model, clips, prompts, decoding),
 one table with every task's headline metrics for real audio and, when run, for the
 shuffled-audio control (value and 95% interval, items, unparseable answers), the genre
-embedding model, and the confusion matrices of key and genre (``confusion_<task>_<dataset>_
-<condition>.png``: rows are references, columns the parsed answers, the last column the
-unparseable ones).
+embedding model, and the confusion matrices of the tasks that define one, key and genre
+(``confusion_<task>_<dataset>_<condition>.png``: rows are references, columns the parsed answers,
+the last column the unparseable ones).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from llark.evaluate.parse import CANONICAL_TONIC, key_label
+from llark.evaluate import tasks as registry
+from pipeline.files import write_text
 
-ALL_KEYS = [f"{t} major" for t in CANONICAL_TONIC] + [f"{t} minor" for t in CANONICAL_TONIC]
 UNPARSEABLE = "(unparseable)"
 
 
@@ -31,8 +31,7 @@ def _format(value: Any) -> str:
 
 def summary_rows(summary: dict) -> list[dict[str, str]]:
     """One row per (task, dataset, metric): the real and shuffled values, n and unparseable counts."""
-    from llark.evaluate.run import HEADLINE
-
+    headlines = {task.name: task.headline for task in registry.registered()}
     conditions = summary["conditions"]
     groups = sorted({g for c in conditions.values() for g in c})
     rows = []
@@ -44,7 +43,7 @@ def summary_rows(summary: dict) -> list[dict[str, str]]:
             rows.append({"task": task, "dataset": dataset, "metric": "(not scored)", "real": real["unavailable"],
                          "shuffled": "", "n": str(real.get("n", "")), "unparseable": ""})
             continue
-        for metric in HEADLINE.get(task, ()):
+        for metric in headlines.get(task, ()):
             unparseable = f"{real.get('unparseable', 0)}"
             if shuffled is not None:
                 unparseable += f" / {shuffled.get('unparseable', 0)}"
@@ -111,32 +110,17 @@ def plot_confusion(matrix: np.ndarray, labels: Sequence[str], title: str, path: 
     return path
 
 
-def _canonical_key(key: str | None) -> str | None:
-    from llark.evaluate.key import split_key
-
-    if key is None:
-        return None
-    pc, mode = split_key(key)
-    return key_label(pc, mode)
-
-
 def confusion_plots(out_dir: Path, summary: dict, scored_by_condition: dict[str, list[dict]]) -> list[Path]:
-    """Key and genre confusion matrices per dataset and condition."""
+    """The confusion matrices of the tasks that define one, per dataset and condition."""
+    tasks = {task.name: task for task in registry.registered() if task.confusion is not None}
     paths = []
     for condition, rows in scored_by_condition.items():
         by_group: dict[tuple[str, str], list[dict]] = {}
         for row in rows:
-            if row["task"] in ("key", "genre"):
+            if row["task"] in tasks:
                 by_group.setdefault((row["task"], row["dataset"]), []).append(row)
         for (task, dataset), group in sorted(by_group.items()):
-            if task == "key":
-                refs = [_canonical_key(r["reference"]) for r in group]
-                preds = [_canonical_key(r["parsed"]) for r in group]
-                labels = ALL_KEYS
-            else:
-                labels = summary["conditions"][condition][f"genre/{dataset}"]["labels"]
-                refs = [r["reference"] for r in group]
-                preds = [r["parsed"] for r in group]
+            labels, refs, preds = tasks[task].confusion(group, summary["conditions"][condition][f"{task}/{dataset}"])
             matrix = confusion(refs, preds, labels)
             path = out_dir / f"confusion_{task}_{dataset}_{condition}.png"
             title = f"{task} on {dataset}, {condition} audio ({len(group)} items)"
@@ -170,6 +154,4 @@ def write_report(out_dir: Path, summary: dict, scored_by_condition: dict[str, li
         lines += ["## Confusion matrices", ""]
         for p in plots:
             lines += [f"![{p.stem}]({p.name})", ""]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text(out_dir / "report.md", "\n".join(lines) + "\n")

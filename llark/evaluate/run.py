@@ -2,7 +2,9 @@
 
 Evaluation set: clip records (the crop stage's ``clips.jsonl`` or ``augmented.jsonl``) with
 their embeddings (the embed stage's directory: ``embeddings.jsonl`` and ``encoder.json``). Each
-record gets one question per task its dataset has a reference for:
+record gets one question per task that has a reference for it. The tasks are a registry
+(:mod:`llark.evaluate.tasks`): each task's module gives its question, its references, its parser
+and its scorer, and the driver here treats every task the same way. The built-in ones:
 
 ===========  ===========================================  =====================================
 task         datasets (reference field)                   question (the papers' prompts)
@@ -18,9 +20,11 @@ beats        demo (beat times in the clip)                CMI-Bench's beat promp
 metre        demo (beats_per_bar)                         What is the time signature of this song?
 ===========  ===========================================  =====================================
 
-Instruments use the annotations of the window the model heard (``annotations.in_clip``) where
-the crop stage wrote them. Genre labels are the dataset's own (GTZAN's ten; MedleyDB's genres as
-they occur in the evaluated records; the demo's five styles).
+A clip's normalised ``labels`` block, where it has one, comes before these fields. Instruments
+use the annotations of the window the model heard (``annotations.in_clip``) where the crop stage
+wrote them. Genre labels are the vocabulary the clips' labels carry (kept in ``run.json``), else the
+dataset's own (GTZAN's ten; MedleyDB's genres as they occur in the evaluated records; the demo's
+five styles).
 
 Two phases. **Generate**: every item's answer, written to ``generations[.shuffled].jsonl`` as it
 comes (a rerun with the same settings skips the items already there). **Score**: parse every
@@ -41,49 +45,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from llark.evaluate import beats as beats_metric
-from llark.evaluate import captions as captions_metric
-from llark.evaluate import genre as genre_metric
-from llark.evaluate import instruments as instruments_metric
-from llark.evaluate import key as key_metric
-from llark.evaluate import metre as metre_metric
-from llark.evaluate import parse
-from llark.evaluate import tempo as tempo_metric
-from pipeline.files import check_same_settings, drop_torn_tail, write_json, write_jsonl
+from llark.evaluate import tasks as registry
+from llark.evaluate.tasks import DEFAULT_MAX_NEW_TOKENS, Context, EvalConfigError
+from pipeline.files import check_same_settings, drop_torn_tail, json_line, write_json, write_jsonl
 
 log = logging.getLogger("llark")
 
-TASKS = ("key", "tempo", "genre", "instruments", "captions", "beats", "metre")
-PROMPTS = {
-    "key": "What is the key of this song?",
-    "tempo": "What is the tempo of this song?",
-    "genre": "What genre is this song?",
-    "instruments": "List the instruments you hear in this clip, including vocals and drums.",
-    "captions": "Describe the contents of the provided audio in detail.",
-    "beats": "Identify and list the timestamps of all beats in this audio track. Use the format of "
-             "'0.0s,0.54s,1.0s, ...'",
-    "metre": "What is the time signature of this song?",
-}
-# Long answers need room; the others are a sentence.
-MAX_NEW_TOKENS = {"captions": 256, "beats": 384}
-DEFAULT_MAX_NEW_TOKENS = 64
 CONDITIONS = ("real", "shuffled")
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
-# What each task's summary row shows, in order.
-HEADLINE = {
-    "key": ("mirex", "accuracy"), "tempo": ("acc2", "acc1"), "genre": ("acc1_embedding", "acc_strict"),
-    "instruments": ("f1", "precision", "recall"), "metre": ("accuracy",), "beats": ("f_measure",),
-    "captions": ("bleu_4", "meteor", "rouge_l", "cider"),
-}
-
-
-class EvalConfigError(ValueError):
-    """An evaluation that cannot run as asked; the message says what to change."""
 
 
 def generations_file(out_dir: Path, condition: str) -> Path:
@@ -94,64 +68,9 @@ def predictions_file(out_dir: Path, condition: str) -> Path:
     return out_dir / ("predictions.jsonl" if condition == "real" else f"predictions.{condition}.jsonl")
 
 
-# ---------------------------------------------------------------------------------------------
-# References per dataset
-
-
-def _in_clip(annotations: dict, key: str):
-    in_clip = annotations.get("in_clip") or {}
-    return in_clip.get(key) if key in in_clip else annotations.get(key)
-
-
-def reference(task: str, dataset: str, annotations: dict) -> Any | None:
-    """The task's reference for a clip of ``dataset`` (JSON-serialisable), or None when it has none."""
-    a = annotations
-    if task == "key" and dataset in ("giantsteps_key", "demo"):
-        key = a.get("key_mir_eval") or a.get("key")
-        return " ".join(key.split()) if isinstance(key, str) else None
-    if task == "tempo" and dataset in ("giantsteps_tempo", "demo"):
-        bpm = a.get("tempo_bpm")
-        return float(bpm) if isinstance(bpm, (int, float)) and bpm > 0 else None
-    if task == "genre" and dataset in ("gtzan", "medleydb", "demo"):
-        return a.get("genre") if isinstance(a.get("genre"), str) and a.get("genre") else None
-    if task == "instruments":
-        if dataset == "musicnet":
-            found = _in_clip(a, "instruments")
-        elif dataset == "medleydb":
-            found = _in_clip(a, "instrument_families")
-        elif dataset == "demo":
-            found = a.get("instruments")
-        else:
-            return None
-        return sorted(found) if isinstance(found, list) else None
-    if task == "captions" and dataset == "musiccaps":
-        caption = a.get("caption")
-        return [caption] if isinstance(caption, str) and caption.strip() else None
-    if task == "beats" and dataset == "demo":
-        beats = (a.get("in_clip") or {}).get("beats")
-        return [round(float(b["time"]), 6) for b in beats] if beats else None
-    if task == "metre" and dataset == "demo":
-        n = a.get("beats_per_bar")
-        return int(n) if isinstance(n, int) and n > 0 else None
-    return None
-
-
-def instrument_vocabulary(dataset: str) -> dict[str, list[str]]:
-    name = {"musicnet": "musicnet", "medleydb": "general_midi", "demo": "demo"}.get(dataset)
-    if name is None:
-        raise EvalConfigError(f"no instrument vocabulary for dataset {dataset!r}")
-    return instruments_metric.VOCABULARIES[name]
-
-
-def genre_vocabulary(dataset: str, references: Iterable[str]) -> tuple[list[str], dict[str, str]]:
-    """(labels, label texts) of a dataset's genre task."""
-    if dataset == "gtzan":
-        return list(genre_metric.GTZAN_LABELS), dict(genre_metric.GTZAN_LABEL_TEXTS)
-    if dataset == "demo":
-        from pipeline.demo_data import STYLES
-
-        return [s.name for s in STYLES], {}
-    return sorted(set(references)), {}
+def max_new_tokens_defaults() -> dict[str, int]:
+    """The registered tasks' answer lengths where they differ from the default."""
+    return {t.name: t.max_new_tokens for t in registry.registered() if t.max_new_tokens != DEFAULT_MAX_NEW_TOKENS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +87,20 @@ class EvalItem:
     question: str
     reference: Any
     embedding_path: str
+    # The label vocabulary the clip carries for this task; it goes to run.json, not into the rows.
+    vocabulary: list[str] | None = None
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "vocabulary"}
+
+
+def label_vocabularies(items: Sequence[EvalItem]) -> dict[str, list[str]]:
+    """``{"task/dataset": labels}`` of the vocabularies the clips carry, labels in first-seen order."""
+    out: dict[str, dict[str, None]] = {}
+    for item in items:
+        if item.vocabulary:
+            out.setdefault(f"{item.task}/{item.dataset}", {}).update(dict.fromkeys(item.vocabulary))
+    return {group: list(labels) for group, labels in out.items()}
 
 
 def read_embedding_index(embeddings_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
@@ -197,10 +130,12 @@ def build_items(clips: Path, embeddings_dir: Path, tasks: Sequence[str], splits:
     are counted and left out (the embed stage's error file says why)."""
     from pipeline.records import read_records
 
-    unknown = sorted(set(tasks) - set(TASKS))
+    known = registry.names()
+    unknown = sorted(set(tasks) - set(known))
     if unknown:
-        raise EvalConfigError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
-    prompts = {**PROMPTS, **(prompts or {})}
+        raise EvalConfigError(f"unknown tasks {unknown}; choose from {', '.join(known)}")
+    chosen = [registry.get(name) for name in tasks]
+    prompts = {**{task.name: task.prompt for task in chosen}, **(prompts or {})}
     paths, _ = read_embedding_index(embeddings_dir)
     items, missing = [], 0
     for record in read_records(clips):
@@ -208,16 +143,17 @@ def build_items(clips: Path, embeddings_dir: Path, tasks: Sequence[str], splits:
             continue
         if datasets and record.dataset not in datasets:
             continue
-        wanted = [(t, reference(t, record.dataset, record.annotations)) for t in tasks]
-        wanted = [(t, r) for t, r in wanted if r is not None]
+        wanted = [(task, task.reference(record)) for task in chosen]
+        wanted = [(task, ref) for task, ref in wanted if ref is not None]
         if not wanted:
             continue
         if record.id not in paths:
             missing += 1
             continue
         for task, ref in wanted:
-            items.append(EvalItem(f"{record.id}:{task}", record.id, record.dataset, record.split, task,
-                                  prompts[task], ref, paths[record.id]))
+            items.append(EvalItem(f"{record.id}:{task.name}", record.id, record.dataset, record.split, task.name,
+                                  prompts[task.name], ref, paths[record.id],
+                                  task.vocabulary(record) if task.vocabulary else None))
         if limit is not None and len({i.clip_id for i in items}) >= limit:
             break
     if missing:
@@ -263,9 +199,11 @@ class RunSettings:
     generation: dict[str, Any]
     max_new_tokens: dict[str, int] = field(default_factory=dict)
     shuffle_seed: int = 0
+    vocabularies: dict[str, list[str]] = field(default_factory=dict)  # see label_vocabularies
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # Without label vocabularies run.json holds no such key, as for clips that carry none.
+        return {k: v for k, v in self.__dict__.items() if k != "vocabularies" or v}
 
 
 def _read_done(path: Path) -> dict[str, dict]:
@@ -316,8 +254,8 @@ def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, se
             audio = [read_frames(embedding_of[sources[i.clip_id]], llark.encoder_dim) for i in batch]
             answers = llark.answer([i.question for i in batch], audio, gen)
             for item, answer in zip(batch, answers):
-                row = {**item.__dict__, "answer": answer, "audio": condition, "audio_from": sources[item.clip_id]}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.write(json_line({**item.row(), "answer": answer, "audio": condition,
+                                    "audio_from": sources[item.clip_id]}))
             fh.flush()
             answered += len(batch)
             if progress:
@@ -337,79 +275,33 @@ def _group(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def score_rows(rows: Sequence[dict], embed: Callable[[list[str]], np.ndarray] | None = None) -> tuple[list[dict], dict]:
-    """Parse and score generated rows; returns (rows with parsed/score/unparseable, metrics per
-    ``"task/dataset"``). ``embed`` is needed for genre (default: :class:`genre.SentenceEmbedder`)."""
+def score_rows(rows: Sequence[dict], embed: Callable[[list[str]], np.ndarray] | None = None,
+               vocabularies: dict[str, list[str]] | None = None) -> tuple[list[dict], dict, dict]:
+    """Parse and score generated rows with their tasks; returns (rows with parsed/score/unparseable,
+    metrics per ``"task/dataset"``, the tasks' notes for the summary). ``embed`` is the text embedder
+    of tasks that compare answers by meaning (genre; default :class:`genre.SentenceEmbedder`);
+    ``vocabularies`` the label vocabularies the clips carry, per ``"task/dataset"``."""
+    known = registry.names()
     scored: list[dict] = []
     metrics: dict[str, dict] = {}
-    for (task, dataset), group in sorted(_group(rows).items()):
-        answers = [r["answer"] for r in group]
-        refs = [r["reference"] for r in group]
-        extra: list[dict] = [{} for _ in group]
-        if task == "key":
-            parsed = [parse.parse_key(a) for a in answers]
-            result = key_metric.evaluate(refs, parsed)
-            scores = [key_metric.weighted_score(r, p) for r, p in zip(refs, parsed)]
-        elif task == "tempo":
-            parsed = [parse.parse_tempo(a) for a in answers]
-            result = tempo_metric.evaluate(refs, parsed)
-            scores = [float(tempo_metric.acc2(r, p)) for r, p in zip(refs, parsed)]
-            extra = [{"acc1": tempo_metric.acc1(r, p)} for r, p in zip(refs, parsed)]
-        elif task == "metre":
-            parsed = [parse.parse_metre(a) for a in answers]
-            result = metre_metric.evaluate(refs, parsed)
-            scores = [float(r == p) for r, p in zip(refs, parsed)]
-        elif task == "genre":
-            labels, texts = genre_vocabulary(dataset, refs)
-            if embed is None:
-                embed = genre_metric.SentenceEmbedder()
-            nearest = genre_metric.nearest_labels(answers, labels, embed, texts)
-            strict = genre_metric.strict_labels(answers, labels, texts)
-            result = genre_metric.evaluate(refs, nearest, strict, labels)
-            result["labels"] = labels
-            result["unparseable_strict"] = sum(s is None for s in strict)
-            parsed = nearest
-            scores = [float(r == p) for r, p in zip(refs, nearest)]
-            extra = [{"parsed_strict": s, "correct_strict": r == s, "unparseable_strict": s is None}
-                     for r, s in zip(refs, strict)]
-        elif task == "instruments":
-            vocabulary = instrument_vocabulary(dataset)
-            found = [parse.parse_instruments(a, vocabulary) for a in answers]
-            ref_sets = [set(r) & set(vocabulary) for r in refs]
-            outside = sorted({x for r in refs for x in r} - set(vocabulary))
-            if outside:
-                log.warning("evaluate: instruments/%s: reference labels outside the vocabulary are not scored: %s",
-                            dataset, ", ".join(outside))
-            result = instruments_metric.evaluate(ref_sets, found, vocabulary)
-            parsed = [sorted(f) if f is not None else None for f in found]
-            scores = [instruments_metric.item_f1(r, f) for r, f in zip(ref_sets, found)]
-        elif task == "beats":
-            parsed = [parse.parse_times(a) for a in answers]
-            result = beats_metric.evaluate([np.array(r) for r in refs],
-                                           [None if p is None else np.array(p) for p in parsed])
-            scores = [beats_metric.f_measure(np.array(r), None if p is None else np.array(p))
-                      for r, p in zip(refs, parsed)]
-        elif task == "captions":
-            parsed = [a if a and a.strip() else None for a in answers]
-            try:
-                result = captions_metric.evaluate(refs, parsed)
-                per_item = result.pop("per_item")
-                scores = per_item["meteor"]
-                extra = [{k: v[i] for k, v in per_item.items()} for i in range(len(group))]
-            except captions_metric.MetricUnavailable as exc:
-                result = {"unavailable": str(exc)}
-                scores = [None] * len(group)
-        else:
-            raise EvalConfigError(f"unknown task {task!r} in the generations")
-        unparseable = [p is None for p in parsed]
-        result["unparseable"] = sum(unparseable)
+    notes: dict[str, Any] = {}
+    for (name, dataset), group in sorted(_group(rows).items()):
+        if name not in known:
+            raise EvalConfigError(f"unknown task {name!r} in the generations")
+        task = registry.REGISTRY[name]
+        context = Context(dataset, (vocabularies or {}).get(f"{name}/{dataset}"), embed, notes)
+        parsed = task.parse(group, context)
+        group = [{**row, "parsed": p} for row, p in zip(group, parsed)]
+        per_row, result = task.score(group, context)
+        result["unparseable"] = sum(p is None for p in parsed)
         result["n"] = len(group)
         # A model that ignores the audio tends to give one answer to every clip.
         result["distinct_parsed"] = len({json.dumps(p, sort_keys=True) for p in parsed if p is not None})
-        metrics[f"{task}/{dataset}"] = result
-        for row, p, s, u, e in zip(group, parsed, scores, unparseable, extra):
-            scored.append({**row, "parsed": p, "score": s, "unparseable": u, **e})
-    return scored, metrics
+        metrics[f"{name}/{dataset}"] = result
+        for row, p, done in zip(group, parsed, per_row):
+            extra = {k: v for k, v in done.items() if k != "score"}
+            scored.append({**row, "score": done["score"], "unparseable": p is None, **extra})
+    return scored, metrics, notes
 
 
 def _jsonable(metrics: dict) -> dict:
@@ -437,6 +329,7 @@ def score_run(out_dir: str | os.PathLike, embed: Callable[[list[str]], np.ndarra
     out_dir = Path(out_dir)
     run = json.loads((out_dir / RUN_JSON).read_text(encoding="utf-8")) if (out_dir / RUN_JSON).is_file() else {}
     summary: dict[str, Any] = {"run": run, "conditions": {}}
+    notes: dict[str, Any] = {}
     scored_by_condition = {}
     for condition in CONDITIONS:
         path = generations_file(out_dir, condition)
@@ -445,18 +338,14 @@ def score_run(out_dir: str | os.PathLike, embed: Callable[[list[str]], np.ndarra
         rows = read_jsonl(path)
         if not rows:
             continue
-        needs_embed = embed is None and any(r["task"] == "genre" for r in rows)
-        if needs_embed:
-            embed = genre_metric.SentenceEmbedder()
-        scored, metrics = score_rows(rows, embed)
+        scored, metrics, condition_notes = score_rows(rows, embed, run.get("vocabularies"))
+        notes.update(condition_notes)
         write_jsonl(predictions_file(out_dir, condition), scored)
         summary["conditions"][condition] = _jsonable(metrics)
         scored_by_condition[condition] = scored
     if not summary["conditions"]:
         raise EvalConfigError(f"{out_dir} holds no generations to score")
-    if any(g.startswith("genre/") for c in summary["conditions"].values() for g in c):
-        summary["genre_embedding_model"] = (getattr(embed, "name", None) or getattr(embed, "__name__", None)
-                                            or type(embed).__name__)
+    summary.update(notes)
     write_json(out_dir / SUMMARY_JSON, summary)
     report.write_report(out_dir, summary, scored_by_condition)
     return summary
@@ -475,9 +364,10 @@ def evaluate(llark, clips: Path, embeddings_dir: Path, out_dir: Path, tasks: Seq
     items = build_items(clips, embeddings_dir, tasks, splits, prompts, limit, datasets)
     settings = RunSettings(
         checkpoint=str(llark.source), clips=str(clips), embeddings=str(embeddings_dir), tasks=list(tasks),
-        splits=list(splits) if splits else None, prompts={t: PROMPTS[t] for t in tasks} | (prompts or {}),
-        generation=dict(generation or {}), max_new_tokens={**MAX_NEW_TOKENS, **(max_new_tokens or {})},
-        shuffle_seed=shuffle_seed)
+        splits=list(splits) if splits else None,
+        prompts={t: registry.get(t).prompt for t in tasks} | (prompts or {}), generation=dict(generation or {}),
+        max_new_tokens={**max_new_tokens_defaults(), **(max_new_tokens or {})}, shuffle_seed=shuffle_seed,
+        vocabularies=label_vocabularies(items))
     run_file = out_dir / RUN_JSON
     if run_file.is_file() and not overwrite:
         check_same_settings(f"the evaluation in {out_dir}", json.loads(run_file.read_text(encoding="utf-8")),

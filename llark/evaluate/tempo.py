@@ -28,6 +28,8 @@ import math
 from typing import Sequence
 
 from llark.evaluate import stats
+from llark.evaluate.parse import parse_tempo
+from llark.evaluate.tasks import Task, columns, each, label, register
 
 TOLERANCE = 0.04
 FACTORS = (1 / 3, 1 / 2, 1.0, 2.0, 3.0)
@@ -74,3 +76,25 @@ def evaluate(reference_tempi: Sequence[float], estimated_tempi: Sequence[float |
         "acc1": stats.accuracy([acc1(r, e, tol) for r, e in zip(reference_tempi, estimated_tempi)]),
         "acc2": stats.accuracy([acc2(r, e, tol) for r, e in zip(reference_tempi, estimated_tempi)]),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task
+
+
+def reference(record) -> float | None:
+    """The clip's tempo in BPM: its labels' ``tempo_bpm``, else GiantSteps Tempo's or the demo's."""
+    bpm = label(record, "tempo_bpm")
+    if bpm is None and record.dataset in ("giantsteps_tempo", "demo"):
+        bpm = record.annotations.get("tempo_bpm")
+    return float(bpm) if isinstance(bpm, (int, float)) and bpm > 0 else None
+
+
+def score(rows, context) -> tuple[list[dict], dict]:
+    refs, parsed = columns(rows)
+    per_row = [{"score": float(acc2(r, p)), "acc1": acc1(r, p)} for r, p in zip(refs, parsed)]
+    return per_row, evaluate(refs, parsed)
+
+
+TASK = register(Task(name="tempo", prompt="What is the tempo of this song?", reference=reference,
+                     parse=each(parse_tempo), score=score, headline=("acc2", "acc1")))
