@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.audio import TARGET_SAMPLE_RATE, AudioChecks, AudioError, probe, read_window, write_wav16
+from pipeline.ingest import with_labels
 from pipeline.records import ClipRecord, parse_record
 from pipeline.runner import ItemError, Stage
 
@@ -138,6 +139,7 @@ def crop_item(row: dict, settings: CropSettings) -> list[dict]:
                 "annotations": annotations,
             }
         )
+        clip = with_labels(clip)  # what the window holds: its beats, the instruments heard in it
         clips.append(ClipRecord.model_validate(clip.model_dump()).model_dump(mode="json", exclude_none=True))
     if not clips:
         raise ItemError(failures[0].code, f"no usable window: {failures[0]}")

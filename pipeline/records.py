@@ -102,11 +102,25 @@ class ClipRecord(BaseModel):
         default_factory=dict,
         description="estimated features, each named after its estimator; times relative to the clip",
     )
+    labels: dict[str, Any] | None = Field(
+        default=None,
+        description="what the dataset knows of the clip, normalised (pipeline.labels.Labels); absent in "
+        "records written before labels existed (pipeline.ingest.labels_of derives them)",
+    )
 
     @field_validator("id", "source_id")
     @classmethod
     def _safe_id(cls, value: str | None) -> str | None:
         return value if value is None else check_id(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from pipeline.labels import Labels
+
+        if value is None:
+            return None
+        return Labels.model_validate(value).to_dict() or None
 
     @field_validator("dataset")
     @classmethod

@@ -82,10 +82,8 @@ PROMPT = ("Identify and list the timestamps of all beats in this audio track. Us
 
 
 def reference(record) -> list[float] | None:
-    """The beat times in the clip: its labels' ``beats`` (seconds), else the demo's beats in the clip."""
+    """The beat times in the clip (its labels' ``beats``, seconds from the clip start)."""
     beats = label(record, "beats")
-    if beats is None and record.dataset == "demo":
-        beats = [b["time"] for b in (record.annotations.get("in_clip") or {}).get("beats") or []]
     return [round(float(b), 6) for b in beats] if beats else None
 
 

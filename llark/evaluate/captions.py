@@ -102,10 +102,8 @@ def evaluate(references: Sequence[Sequence[str]], candidates: Sequence[str | Non
 
 
 def reference(record) -> list[str] | None:
-    """The clip's reference captions: its labels' ``caption``, else MusicCaps' caption."""
+    """The clip's reference captions (its labels' ``caption``)."""
     caption = label(record, "caption")
-    if caption is None and record.dataset == "musiccaps":
-        caption = record.annotations.get("caption")
     return [caption] if isinstance(caption, str) and caption.strip() else None
 
 

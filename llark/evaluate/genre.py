@@ -126,33 +126,21 @@ class SentenceEmbedder:
 # ---------------------------------------------------------------------------------------------
 # The evaluation task
 
-DATASETS = ("gtzan", "medleydb", "demo")
-LABEL_TEXTS = {"gtzan": GTZAN_LABEL_TEXTS}
+# The text that stands for a label where its spelling is not a phrase (GTZAN's "hiphop").
+LABEL_TEXTS = dict(GTZAN_LABEL_TEXTS)
 
 
 def reference(record) -> str | None:
-    """The clip's genre: its labels' ``genre``, else GTZAN's, MedleyDB's or the demo's."""
+    """The clip's genre (its labels' ``genre``: the one label a dataset's classification uses)."""
     genre = label(record, "genre")
-    if genre is None and record.dataset in DATASETS:
-        genre = record.annotations.get("genre")
     return genre if isinstance(genre, str) and genre else None
 
 
-def dataset_labels(dataset: str, references: Iterable[str]) -> list[str]:
-    """The genre vocabulary of a dataset whose clips carry none."""
-    if dataset == "gtzan":
-        return list(GTZAN_LABELS)
-    if dataset == "demo":
-        from pipeline.demo_data import STYLES
-
-        return [s.name for s in STYLES]
-    return sorted(set(references))
-
-
 def vocabulary(context, references: Iterable[str]) -> tuple[list[str], dict[str, str]]:
-    """(labels, label texts) of the evaluated group."""
-    labels = list(context.vocabulary) if context.vocabulary else dataset_labels(context.dataset, references)
-    return labels, dict(LABEL_TEXTS.get(context.dataset, {}))
+    """(labels, label texts) of the evaluated group: the vocabulary its clips' labels carry (GTZAN's
+    ten, the demo's styles), else the references seen."""
+    labels = list(context.vocabulary) if context.vocabulary else sorted(set(references))
+    return labels, {label: text for label, text in LABEL_TEXTS.items() if label in labels}
 
 
 @functools.lru_cache(maxsize=1)

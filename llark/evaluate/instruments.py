@@ -151,44 +151,38 @@ def evaluate(reference_sets: Sequence[AbstractSet[str]], estimated_sets: Sequenc
 # ---------------------------------------------------------------------------------------------
 # The evaluation task
 
-DATASET_VOCABULARIES = {"musicnet": "musicnet", "medleydb": "general_midi", "demo": "demo"}
-
-
-def _in_clip(annotations: dict, key: str):
-    in_clip = annotations.get("in_clip") or {}
-    return in_clip.get(key) if key in in_clip else annotations.get(key)
-
-
 def reference(record) -> list[str] | None:
-    """The instruments heard in the clip: its labels' ``instruments``, else MusicNet's instruments and
-    MedleyDB's families of the window the model heard (``in_clip``, where the crop stage wrote it), or
-    the demo's instruments."""
+    """The instruments heard in the clip (its labels' ``instruments``: after cropping, those of the
+    window the model heard), for clips whose labels name a vocabulary scored here."""
     found = label(record, "instruments")
-    if found is None:
-        a = record.annotations
-        if record.dataset == "musicnet":
-            found = _in_clip(a, "instruments")
-        elif record.dataset == "medleydb":
-            found = _in_clip(a, "instrument_families")
-        elif record.dataset == "demo":
-            found = a.get("instruments")
+    if label(record, "instrument_vocabulary") not in VOCABULARIES:
+        return None
     return sorted(found) if isinstance(found, list) else None
 
 
-def dataset_vocabulary(dataset: str) -> dict[str, list[str]]:
-    if dataset not in DATASET_VOCABULARIES:
-        raise EvalConfigError(f"no instrument vocabulary for dataset {dataset!r}")
-    return VOCABULARIES[DATASET_VOCABULARIES[dataset]]
+def clip_vocabulary(record) -> list[str] | None:
+    """The labels of the instrument vocabulary the clip's labels name."""
+    name = label(record, "instrument_vocabulary")
+    return list(VOCABULARIES[name]) if name in VOCABULARIES else None
+
+
+def group_vocabulary(context) -> dict[str, list[str]]:
+    """The vocabulary (label -> the words that name it) of the evaluated group's clips."""
+    for vocabulary in VOCABULARIES.values():
+        if context.vocabulary is not None and list(vocabulary) == list(context.vocabulary):
+            return vocabulary
+    raise EvalConfigError(f"instruments/{context.dataset}: the clips name no instrument vocabulary of "
+                          f"{', '.join(VOCABULARIES)}")
 
 
 def parse(rows, context) -> list[list[str] | None]:
-    vocabulary = dataset_vocabulary(context.dataset)
+    vocabulary = group_vocabulary(context)
     found = [parse_instruments(r["answer"], vocabulary) for r in rows]
     return [sorted(f) if f is not None else None for f in found]
 
 
 def score(rows, context) -> tuple[list[dict], dict]:
-    vocabulary = dataset_vocabulary(context.dataset)
+    vocabulary = group_vocabulary(context)
     refs, parsed = columns(rows)
     found = [set(p) if p is not None else None for p in parsed]
     ref_sets = [set(r) & set(vocabulary) for r in refs]
@@ -202,4 +196,4 @@ def score(rows, context) -> tuple[list[dict], dict]:
 
 PROMPT = "List the instruments you hear in this clip, including vocals and drums."
 TASK = register(Task(name="instruments", prompt=PROMPT, reference=reference, parse=parse, score=score,
-                     headline=("f1", "precision", "recall")))
+                     headline=("f1", "precision", "recall"), vocabulary=clip_vocabulary))

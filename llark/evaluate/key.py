@@ -119,10 +119,8 @@ ALL_KEYS = [f"{t} major" for t in CANONICAL_TONIC] + [f"{t} minor" for t in CANO
 
 
 def reference(record) -> str | None:
-    """The clip's key: its labels' ``key``, else GiantSteps' mir_eval spelling or the demo's key."""
+    """The clip's key (its labels' ``key``)."""
     key = label(record, "key")
-    if key is None and record.dataset in ("giantsteps_key", "demo"):
-        key = record.annotations.get("key_mir_eval") or record.annotations.get("key")
     return " ".join(key.split()) if isinstance(key, str) else None
 
 

@@ -46,10 +46,8 @@ def evaluate(reference_beats_per_bar: Sequence[int], estimated_beats_per_bar: Se
 
 
 def reference(record) -> int | None:
-    """The clip's beats per bar: its labels' ``beats_per_bar``, else the demo's."""
+    """The clip's beats per bar (its labels' ``beats_per_bar``)."""
     n = label(record, "beats_per_bar")
-    if n is None and record.dataset == "demo":
-        n = record.annotations.get("beats_per_bar")
     return int(n) if isinstance(n, int) and n > 0 else None
 
 

@@ -16,9 +16,10 @@ A task gives, with the same signature for every task:
   carries) and ``confusion(rows, metrics)`` (the report's confusion matrix: labels, references,
   predictions).
 
-References prefer a clip's normalised ``labels`` block (a mapping of fact names to values, with
-label vocabularies under ``labels["vocabularies"]``) and fall back to the dataset's own
-annotations where a record has none.
+References come from a clip's normalised ``labels`` block (``pipeline.labels.Labels``, with label
+vocabularies under ``labels["vocabularies"]``); for records written before labels existed, the
+dataset's adapter derives the block from the annotations (``pipeline.ingest.labels_of``). No task
+knows which dataset a clip came from.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ def get(name: str) -> Task:
 
 
 def _labels(record) -> Mapping[str, Any]:
-    labels = record.get("labels") if isinstance(record, Mapping) else getattr(record, "labels", None)
-    return labels or {}
+    from pipeline.ingest import labels_of
+
+    return labels_of(record).to_dict()
 
 
 def label(record, name: str) -> Any | None:

@@ -83,10 +83,8 @@ def evaluate(reference_tempi: Sequence[float], estimated_tempi: Sequence[float |
 
 
 def reference(record) -> float | None:
-    """The clip's tempo in BPM: its labels' ``tempo_bpm``, else GiantSteps Tempo's or the demo's."""
+    """The clip's tempo in BPM (its labels' ``tempo_bpm``)."""
     bpm = label(record, "tempo_bpm")
-    if bpm is None and record.dataset in ("giantsteps_tempo", "demo"):
-        bpm = record.annotations.get("tempo_bpm")
     return float(bpm) if isinstance(bpm, (int, float)) and bpm > 0 else None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import PipelineError
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord
 
 ADAPTER_MODULES = {
@@ -45,6 +46,10 @@ class Adapter:
     ``window_annotations(record, start_s, end_s) -> dict``, when given, returns the annotations of
     the window ``[start_s, end_s)`` of the source (times relative to the window); the crop stage
     stores them in the cropped record's ``annotations``.
+    ``labels(record) -> Labels``, when given, derives the normalised labels from the record's
+    annotations (a pure function: ingest stores its result, the crop stage calls it again on each
+    clip, whose ``in_clip`` annotations narrow what is heard, and it serves records written before
+    labels existed). An adapter without it sets ``labels`` on its records itself.
     """
 
     name: str
@@ -52,6 +57,7 @@ class Adapter:
     layout: str
     description: str
     window_annotations: Callable[[ClipRecord, float, float], dict[str, Any]] | None = None
+    labels: Callable[[ClipRecord], Labels] | None = None
 
 
 def get_adapter(name: str) -> Adapter:
@@ -61,6 +67,27 @@ def get_adapter(name: str) -> Adapter:
     module = importlib.import_module(ADAPTER_MODULES[name])
     adapters = getattr(module, "ADAPTERS", None) or {module.ADAPTER.name: module.ADAPTER}
     return adapters[name]
+
+
+def labels_of(record: ClipRecord | dict) -> Labels:
+    """The clip's labels: those its record carries, else what its dataset's adapter derives from the
+    annotations (records written before labels existed), else none."""
+    if isinstance(record, dict):
+        record = ClipRecord.model_validate(record)
+    if record.labels is not None:
+        return Labels.model_validate(record.labels)
+    adapter = get_adapter(record.dataset) if record.dataset in ADAPTER_MODULES else None
+    if adapter is None or adapter.labels is None:
+        return Labels.lenient()
+    return adapter.labels(record)
+
+
+def with_labels(record: ClipRecord) -> ClipRecord:
+    """``record`` with the labels its adapter derives from its annotations (unchanged without one)."""
+    adapter = get_adapter(record.dataset) if record.dataset in ADAPTER_MODULES else None
+    if adapter is None or adapter.labels is None:
+        return record
+    return record.model_copy(update={"labels": adapter.labels(record).to_dict() or None})
 
 
 def require(path: Path, what: str) -> Path:

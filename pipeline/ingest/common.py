@@ -158,3 +158,9 @@ class Skipped:
             return
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items()))
         log.warning("%s: skipped %d %s (%s)", self.dataset, self.total, self.unit, parts)
+
+
+def heard(annotations: dict, key: str):
+    """``key`` of the window a clip holds (``in_clip``, written by the crop stage), else the track's."""
+    in_clip = annotations.get("in_clip") or {}
+    return in_clip.get(key) if key in in_clip else annotations.get(key)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.ingest import Adapter, DatasetLayoutError, require
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, InvalidRecord, check_id
 
 DATASET = "demo"
@@ -98,6 +99,19 @@ def window_annotations(record: ClipRecord, start_s: float, end_s: float) -> dict
     return ann
 
 
+def labels(record: ClipRecord) -> Labels:
+    """The exact ground truth; beats once the clip is cut (``in_clip``, times from the clip start)."""
+    from pipeline.demo_data import STYLES
+
+    a = record.annotations
+    in_clip = a.get("in_clip") or {}
+    beats = [b["time"] for b in in_clip.get("beats") or []] if "beats" in in_clip else None
+    return Labels.lenient(genre=a.get("genre"), genres=[a["genre"]] if a.get("genre") else [],
+                  instruments=a.get("instruments"), instrument_vocabulary="demo", key=a.get("key"),
+                  tempo_bpm=a.get("tempo_bpm"), beats_per_bar=a.get("beats_per_bar"), beats=beats,
+                  complete=["genres", "instruments"], vocabularies={"genre": [s.name for s in STYLES]})
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -105,4 +119,5 @@ ADAPTER = Adapter(
     description="synthetic demo clips with exact tempo, key, metre, chord, beat and genre labels "
     "(made by `llark demo-data`; no download)",
     window_annotations=window_annotations,
+    labels=labels,
 )

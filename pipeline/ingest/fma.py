@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, open_text, parse_literal_list, parse_number, read_table
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "fma"
@@ -158,10 +159,18 @@ def _annotations(track_id: int, fields: dict[tuple[str, str], str], genre_titles
     return out
 
 
+def labels(record: ClipRecord) -> Labels:
+    track = record.annotations.get("track") or {}
+    top = track.get("genre_top")
+    return Labels.lenient(genre=top, genres=list(track.get("genres") or ([top] if top else [])),
+                  tags=list(track.get("tags") or []), lyrics_language=track.get("language_code"))
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
     layout="fma_metadata/tracks.csv, fma_metadata/genres.csv, fma_{subset}/NNN/NNNNNN.mp3",
     description="FMA (Free Music Archive): track, album and artist metadata, genres and tags; "
     "FMA's default train/validation/test split; option subset=small|medium|large|full",
+    labels=labels,
 )

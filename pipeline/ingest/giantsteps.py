@@ -34,6 +34,7 @@ from pathlib import Path
 
 from pipeline.ingest import Adapter, DatasetLayoutError, require
 from pipeline.ingest.common import Skipped, find_audio
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 AUDIO_EXTENSIONS = (".mp3", ".wav")
@@ -156,6 +157,12 @@ def prepare_tempo(root: str | Path, labels: str = "v2") -> list[ClipRecord]:
     return sorted(records, key=lambda r: r.id)
 
 
+def labels(record: ClipRecord) -> Labels:
+    a = record.annotations
+    genre = a.get("genre")
+    return Labels.lenient(key=a.get("key_mir_eval"), tempo_bpm=a.get("tempo_bpm"), genres=[genre] if genre else [])
+
+
 ADAPTERS = {
     "giantsteps_key": Adapter(
         name="giantsteps_key",
@@ -163,6 +170,7 @@ ADAPTERS = {
         layout="audio/{id}.LOFI.mp3, annotations/key/{id}.LOFI.key (e.g. 'Eb minor'), "
         "optional annotations/genre/{id}.LOFI.genre",
         description="GiantSteps Key (604 EDM previews, key labels): evaluation, test split",
+        labels=labels,
     ),
     "giantsteps_tempo": Adapter(
         name="giantsteps_tempo",
@@ -171,5 +179,6 @@ ADAPTERS = {
         "annotations/tempo/{id}.LOFI.bpm (labels=v1), optional annotations/genre/{id}.LOFI.genre",
         description="GiantSteps Tempo (664 EDM previews, tempo labels; 0 BPM tracks dropped): "
         "evaluation, test split",
+        labels=labels,
     ),
 }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 log = logging.getLogger("llark")
@@ -78,9 +79,16 @@ def prepare(root: str | Path) -> list[ClipRecord]:
     return sorted(records, key=lambda r: r.id)
 
 
+def labels(record: ClipRecord) -> Labels:
+    genre = record.annotations.get("genre")
+    return Labels.lenient(genre=genre, genres=[genre] if genre else [], complete=["genres"],
+                  vocabularies={"genre": list(GENRES)})
+
+
 ADAPTER = Adapter(
     name="gtzan",
     prepare=prepare,
+    labels=labels,
     layout="genres/{genre}/{genre}.{nnnnn}.au (original) or [Data/]genres_original/{genre}/"
     "{genre}.{nnnnn}.wav (re-release); ten genre folders",
     description="GTZAN genre collection (1,000 excerpts, 10 genres): evaluation, test split",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline.ingest import Adapter
 from pipeline.ingest.common import Skipped, read_table
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "magnatagatune"
@@ -96,10 +97,15 @@ def _read_clip_info(path: Path) -> dict[int, dict[str, str]]:
     return info
 
 
+def labels(record: ClipRecord) -> Labels:
+    return Labels.lenient(tags=list(record.annotations.get("tags") or []))
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
     layout="annotations_final.csv, optional clip_info_final.csv, mp3/{mp3_path}",
     description="MagnaTagATune: 188 binary crowd-sourced tags per 29 s clip, plus title/artist/album "
     "when clip_info_final.csv is present; folders 0-b train, c valid, d-f test",
+    labels=labels,
 )

@@ -36,7 +36,8 @@ from typing import Any
 import yaml
 
 from pipeline.ingest import Adapter, require
-from pipeline.ingest.common import Skipped
+from pipeline.ingest.common import Skipped, heard
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 log = logging.getLogger("llark")
@@ -299,6 +300,14 @@ def window_annotations(record: ClipRecord, start_s: float, end_s: float) -> dict
     return {"instrument_families": sorted(families)}
 
 
+def labels(record: ClipRecord) -> Labels:
+    """Genre, and the General MIDI families playing (in the clip's window once it is cut)."""
+    a = record.annotations
+    genre = a.get("genre") if isinstance(a.get("genre"), str) else None
+    return Labels.lenient(genre=genre, genres=[genre] if genre else [], instruments=heard(a, "instrument_families"),
+                  instrument_vocabulary="general_midi", complete=["instruments"])
+
+
 ADAPTER = Adapter(
     name="medleydb",
     prepare=prepare,
@@ -308,4 +317,5 @@ ADAPTER = Adapter(
     description="MedleyDB multitracks (genre; instruments as General MIDI families, active per "
     "window from the activation confidences): evaluation, test split",
     window_annotations=window_annotations,
+    labels=labels,
 )

@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.files import write_text
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, log, open_text, parse_number
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "mtg_jamendo"
@@ -137,10 +138,17 @@ def _test_ids(track_ids: list[str], test_size: int, seed: int, split_file: Path 
     return chosen
 
 
+def labels(record: ClipRecord) -> Labels:
+    a = record.annotations
+    return Labels.lenient(genres=list(a.get("genres") or []), instruments=list(a.get("instruments") or []) or None,
+                  instrument_vocabulary="mtg_jamendo", moods=list(a.get("moods") or []), tags=list(a.get("tags") or []))
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
     layout="data/autotagging.tsv, audio/{PATH} (e.g. audio/14/214.mp3)",
     description="MTG-Jamendo autotagging: genre, instrument and mood/theme tags; a fixed random "
     "test set (options test_size=1000, seed=0, split_file), the rest train",
+    labels=labels,
 )

@@ -30,6 +30,7 @@ from pipeline.ingest.common import (
     parse_window,
     read_table,
 )
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord
 
 DATASET = "musiccaps"
@@ -89,9 +90,15 @@ def prepare(root: Path, audio_dir: Path | str | None = None) -> list[ClipRecord]
     ]
 
 
+def labels(record: ClipRecord) -> Labels:
+    tags = list(record.annotations.get("aspect_list") or [])
+    return Labels.lenient(caption=record.annotations.get("caption"), tags=tags)
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
+    labels=labels,
     layout="musiccaps-public.csv, audio/<ytid>.(wav|flac|mp3|ogg)",
     description="MusicCaps: human captions and aspect lists of 10 s YouTube windows; AudioSet eval "
     "clips are the test split, the rest train captioning",

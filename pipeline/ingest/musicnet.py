@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.ingest import Adapter, DatasetLayoutError
-from pipeline.ingest.common import Skipped, parse_number, read_table
+from pipeline.ingest.common import Skipped, heard, parse_number, read_table
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "musicnet"
@@ -174,6 +175,12 @@ def window_annotations(record: ClipRecord, start_s: float, end_s: float) -> dict
     return {"notes": out, "instruments": sorted({n["instrument"] for n in out})}
 
 
+def labels(record: ClipRecord) -> Labels:
+    """The instruments playing (in the clip's window once it is cut); MusicNet's labels are exhaustive."""
+    return Labels.lenient(instruments=heard(record.annotations, "instruments"), instrument_vocabulary="musicnet",
+                  complete=["instruments"])
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -181,4 +188,5 @@ ADAPTER = Adapter(
     description="MusicNet: classical recordings with note-level labels (instrument, pitch, beat); "
     "official train/test split; train recordings also captioned window by window",
     window_annotations=window_annotations,
+    labels=labels,
 )

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.ingest import DatasetLayoutError, get_adapter
+from pipeline.ingest import DatasetLayoutError, get_adapter, with_labels
 from pipeline.records import write_jsonl
 from pipeline.runner import OutputLock, StageConfigError, errors_path
 
@@ -70,7 +70,7 @@ def ingest_dataset(name: str, root: str | os.PathLike, output: str | os.PathLike
                 errors.append({"id": record.id, "stage": "ingest", "code": "missing_audio",
                                "reason": f"audio file not found: {record.audio_path}"})
                 continue
-            good.append(record)
+            good.append(with_labels(record))
             summary.by_split[record.split] = summary.by_split.get(record.split, 0) + 1
         summary.records = write_jsonl(output, good)
         summary.missing_audio = len(errors)

@@ -32,6 +32,7 @@ from pipeline.ingest.common import (
     parse_window,
     read_table,
 )
+from pipeline.labels import Labels
 from pipeline.records import ClipRecord
 
 DATASET = "yt8m_musictextclips"
@@ -83,9 +84,14 @@ def prepare(root: Path, audio_dir: Path | str | None = None) -> list[ClipRecord]
     ]
 
 
+def labels(record: ClipRecord) -> Labels:
+    return Labels.lenient(caption=record.annotations.get("caption"))
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
+    labels=labels,
     layout="train.csv and test.csv (video_id,start,end,text), audio/<video_id>.(wav|flac|mp3|ogg)",
     description="YouTube8M-MusicTextClips: human descriptions of 10 s music clips from YouTube8M "
     "videos; both files train captioning, as in the paper",
