@@ -5,6 +5,11 @@ BIN    := $(VENV)/bin
 LLARK  := $(BIN)/llark
 STAMP  := $(VENV)/.installed
 RUN    ?= runs/demo
+# `make pipeline DATASET=folder ROOT=~/music RUN=runs/mine` runs the offline stages on a dataset of
+# your own (any `llark ingest` dataset; INGEST_FLAGS="--set split=90/5/5" for its options).
+DATASET ?= demo
+ROOT ?= $(RUN)/source
+INGEST_FLAGS ?=
 WORKERS ?=
 DEMO_CLIPS ?= 240
 ENCODER ?= features
@@ -15,7 +20,7 @@ INSTRUCTIONS_BACKEND ?= auto
 INSTRUCTIONS_FLAGS ?=
 WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
 
-.PHONY: setup test test-slow demo demo-data ingest crop augment instructions embed shards train evaluate bench clean
+.PHONY: setup test test-slow demo pipeline demo-data ingest crop augment instructions embed shards train evaluate bench clean
 
 setup: $(STAMP)
 
@@ -58,11 +63,16 @@ demo: setup
 	@echo "  held-out evaluation, real and shuffled audio:    $(RUN)/eval/report.md  (predictions, summary.json)"
 	@echo "  each stage's failures (if any):                  $(RUN)/*.errors.jsonl"
 
+# The offline stages on DATASET under ROOT, up to validated shards; then `make train` or
+# `llark train --config YOUR.yaml`.
+pipeline: setup
+	$(MAKE) --no-print-directory ingest crop augment instructions embed shards RUN=$(RUN) DATASET=$(DATASET) ROOT=$(ROOT)
+
 demo-data: setup
 	$(LLARK) demo-data --out $(RUN)/source --clips $(DEMO_CLIPS)
 
 ingest: setup
-	$(LLARK) ingest demo --root $(RUN)/source --out $(RUN)/ingested.jsonl
+	$(LLARK) ingest $(DATASET) --root $(ROOT) --out $(RUN)/ingested.jsonl $(INGEST_FLAGS)
 
 crop: setup
 	$(LLARK) crop $(RUN)/ingested.jsonl --out $(RUN)/clips.jsonl --clips-dir $(RUN)/clips $(WORKERS_FLAG)

@@ -18,8 +18,9 @@ next run on the same output removes those a killed run left (whose process is go
 first line records the stage's settings; a rerun with different settings refuses to mix the two.
 A full or read-only disk, met by an item or by the runner itself, ends the run with ``RunAborted``.
 
-Executors only see ``Stage`` objects and lists of ``(index, row)``; a distributed executor (Ray)
-plugs in beside ``LocalExecutor`` without touching the per-item functions.
+A stage is a ``Stage`` (``pipeline/stage.py``); executors (``pipeline/executors.py``) only see
+``Stage`` objects and lists of ``(index, row)``; a distributed executor (Ray) plugs in beside
+``LocalExecutor`` without touching the per-item functions.
 
 A stage whose work batches well (a model on a GPU) may also give ``process_batch`` and a
 ``batch_size``: executors then hand it up to ``batch_size`` consecutive items at once, and
@@ -30,39 +31,31 @@ the item at fault becomes an error record.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import errno
 import json
 import logging
-import multiprocessing
 import os
-import re
 import secrets
 import socket
 import sys
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Protocol
+from typing import Any
 
 from pipeline.files import (AppendLog, atomic_write, describe_os_error, is_disk_failure, pid_alive,
                             remove_dead_temporaries, temporary_path)
 from pipeline.errors import InvalidRecord, ItemError, OutputLocked, RunAborted, StageConfigError  # noqa: F401
 from pipeline.records import check_id, iter_jsonl, to_json_line
+# Stages and executors are defined in their own modules; stages import them from here.
+from pipeline.executors import (THREAD_ENV_VARS, Executor, InlineExecutor, LocalExecutor,  # noqa: F401
+                                default_workers, make_executor)
+from pipeline.stage import Stage, failure_outcome, result_outcome, run_batch, run_chunks, run_item  # noqa: F401
 
 log = logging.getLogger("llark")
 
 LEDGER_VERSION = 1
-THREAD_ENV_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-)
 
 
 def disk_remedy(read_only: bool = False) -> str:
@@ -73,333 +66,6 @@ def disk_remedy(read_only: bool = False) -> str:
 def stopped_by_disk(stage: str, exc: OSError, kept: str) -> RunAborted:
     """The error that ends a run whose disk failed (``is_disk_failure``); ``kept`` says what is safe."""
     return RunAborted(f"{stage} stopped: {describe_os_error(exc)}. {kept}; {disk_remedy(exc.errno == errno.EROFS)}.")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A named per-item function and what it needs.
-
-    ``process(row, state)`` maps one input row (a dict) to one output row or a list of them.
-    ``state`` is ``setup(settings)`` when ``setup`` is given (called once per worker, e.g. to load a
-    model), else ``settings`` itself. ``settings`` must be picklable and is recorded, as JSON, in
-    the ledger so that a rerun with other settings is refused; a settings object with a
-    ``ledger_json()`` method records that instead (leaving out what cannot change the results,
-    such as how many items share a model call). The functions must be importable module-level
-    functions (they travel to worker processes).
-
-    ``process_batch(rows, state)``, when given, does the work of ``process`` for several rows at
-    once and returns one result per row, in order: what ``process`` would return, or the exception
-    that row failed with. Executors call it on up to ``batch_size`` consecutive items (``process``
-    still serves single items and the one-at-a-time rerun of a batch that failed as a whole). The
-    batch size is not a setting: a rerun with another batch size resumes the same ledger.
-    """
-
-    name: str
-    process: Callable[[dict, Any], dict | list[dict]]
-    settings: Any = None
-    setup: Callable[[Any], Any] | None = None
-    process_batch: Callable[[list[dict], Any], list[Any]] | None = None
-    batch_size: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise StageConfigError(f"--batch-size must be at least 1, got {self.batch_size!r}")
-
-    @property
-    def batched(self) -> bool:
-        return self.process_batch is not None and self.batch_size > 1
-
-    def chunks(self, items: list) -> list[list]:
-        """``items`` cut into the consecutive runs that executors hand over together."""
-        size = self.batch_size if self.batched else 1
-        return [items[i : i + size] for i in range(0, len(items), size)]
-
-    def settings_json(self) -> Any:
-        s = self.settings
-        if s is None:
-            return None
-        if hasattr(s, "ledger_json"):
-            return s.ledger_json()
-        if hasattr(s, "model_dump"):
-            return s.model_dump(mode="json")
-        if hasattr(s, "__dataclass_fields__"):
-            from dataclasses import asdict
-
-            return json.loads(json.dumps(asdict(s), default=str))
-        return json.loads(json.dumps(s, default=str))
-
-
-# ---------------------------------------------------------------------------------------------
-# Running one item (in whatever process the executor chooses)
-
-
-def run_item(process: Callable, row: dict, state: Any) -> dict:
-    """Run the per-item function on one row and return a ledger outcome (never raises).
-
-    The outcome carries the item's CPU and wall seconds (``cpu_s``, ``wall_s``), kept in the
-    ledger so that ``llark plan`` can size a full run from measured figures.
-    """
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    outcome = _run_item(process, row, state)
-    outcome["cpu_s"] = round(time.process_time() - cpu0, 4)
-    outcome["wall_s"] = round(time.perf_counter() - wall0, 4)
-    return outcome
-
-
-def _run_item(process: Callable, row: dict, state: Any) -> dict:
-    try:
-        result = process(row, state)
-    except Exception as exc:
-        return failure_outcome(exc)
-    return result_outcome(result)
-
-
-def result_outcome(result: Any) -> dict:
-    """The ledger outcome of what a per-item function returned (or an exception it returned)."""
-    if isinstance(result, BaseException):
-        return failure_outcome(result)
-    try:
-        outputs = result if isinstance(result, list) else [result]
-        for out in outputs:
-            if not isinstance(out, dict):
-                raise TypeError(f"the stage returned a {type(out).__name__}, not a dict")
-            check_id(out.get("id"))
-    except Exception as exc:
-        return failure_outcome(exc)
-    return {"ok": True, "outputs": outputs}
-
-
-def failure_outcome(exc: BaseException) -> dict:
-    """The ledger outcome of an item that failed with ``exc``."""
-    if isinstance(exc, ItemError):
-        return {"ok": False, "code": exc.code, "reason": str(exc)}
-    if isinstance(exc, InvalidRecord):
-        return {"ok": False, "code": "invalid_record", "reason": str(exc)}
-    if isinstance(exc, MemoryError):
-        return {"ok": False, "code": "out_of_memory", "reason": "ran out of memory on this item"}
-    if is_disk_failure(exc):
-        return {"ok": False, "fatal": True, "code": "disk_full" if exc.errno != errno.EROFS else "read_only",
-                "reason": describe_os_error(exc)}
-    # a bug or an unforeseen input: keep the traceback for the report
-    return {
-        "ok": False,
-        "code": f"exception:{type(exc).__name__}",
-        "reason": f"{type(exc).__name__}: {exc}",
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
-    }
-
-
-def run_batch(stage: Stage, rows: list[dict], state: Any) -> list[dict]:
-    """Outcomes of ``rows``, in order (never raises): one ``process_batch`` call for a batched
-    stage, else ``run_item`` per row. A batch call that raises, or does not return one result per
-    row, is rerun one row at a time, so that only the row at fault fails. The batch's CPU and wall
-    seconds are shared equally among its rows."""
-    if not stage.batched or len(rows) < 2:
-        return [run_item(stage.process, row, state) for row in rows]
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    try:
-        results = stage.process_batch(rows, state)
-        if not isinstance(results, list) or len(results) != len(rows):
-            got = len(results) if isinstance(results, list) else type(results).__name__
-            raise TypeError(f"process_batch returned {got} results for {len(rows)} rows")
-    except Exception as exc:
-        log.warning("%s: a batch of %d items failed as a whole (%s: %s); running them one at a time",
-                    stage.name, len(rows), type(exc).__name__, exc)
-        return [run_item(stage.process, row, state) for row in rows]
-    cpu_s = round((time.process_time() - cpu0) / len(rows), 4)
-    wall_s = round((time.perf_counter() - wall0) / len(rows), 4)
-    return [{**result_outcome(result), "cpu_s": cpu_s, "wall_s": wall_s} for result in results]
-
-
-def run_chunks(stage: Stage, rows: list[dict], state: Any) -> list[dict]:
-    """Outcomes of ``rows``, in order, running them in the stage's batches (``run_batch``)."""
-    return [outcome for chunk in stage.chunks(rows) for outcome in run_batch(stage, chunk, state)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Executors
-
-
-class Executor(Protocol):
-    """Runs a stage's per-item function over ``(index, row)`` pairs, yielding ``(index, outcome)``
-    as items finish, in any order. Outcomes are what ``run_item`` returns. A batched stage's items
-    go to ``run_batch`` in the runs ``Stage.chunks`` cuts, and come back one outcome per item."""
-
-    workers: int
-
-    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]: ...
-
-
-_WORKER_STATE: Any = None
-_WORKER_STAGE: Stage | None = None
-
-
-def _init_worker(stage: Stage) -> None:
-    global _WORKER_STATE, _WORKER_STAGE
-    _WORKER_STAGE = stage
-    _WORKER_STATE = stage.setup(stage.settings) if stage.setup else stage.settings
-
-
-def _run_in_worker(row: dict) -> dict:
-    return run_item(_WORKER_STAGE.process, row, _WORKER_STATE)
-
-
-def _run_batch_in_worker(rows: list[dict]) -> list[dict]:
-    return run_batch(_WORKER_STAGE, rows, _WORKER_STATE)
-
-
-def _worker_ready() -> bool:
-    return True
-
-
-def default_workers() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-class LocalExecutor:
-    """Worker processes on this machine (``spawn``ed, one BLAS/OpenMP thread each).
-
-    Workers receive one item at a time, or one batch of a batched stage; ``max_in_flight`` counts
-    those (default: two per worker). A worker that dies (a segfault in native code, the OOM killer)
-    breaks the pool; the items that were in flight, batches included, are then rerun one at a time
-    in a one-worker pool, so the one that kills its worker again is recorded as ``worker_crashed``
-    and the others finish normally.
-    """
-
-    def __init__(self, workers: int | None = None, max_in_flight: int | None = None):
-        self.workers = workers or default_workers()
-        self.max_in_flight = max_in_flight or self.workers * 2
-
-    def _pool(self, stage: Stage, workers: int) -> cf.ProcessPoolExecutor:
-        return cf.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(stage,),
-        )
-
-    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        saved = {k: os.environ.get(k) for k in THREAD_ENV_VARS}
-        for k in THREAD_ENV_VARS:
-            os.environ[k] = "1"  # inherited by the spawned workers: N workers use N cores
-        try:
-            yield from self._run(stage, items)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-
-    def _run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        queue = list(reversed(stage.chunks(items)))
-        suspects: list[tuple[int, dict]] = []
-        while queue or suspects:
-            if suspects:
-                yield from self._run_isolated(stage, suspects)
-                suspects = []
-                continue
-            pool = self._pool(stage, self.workers)
-            in_flight: dict[cf.Future, list[tuple[int, dict]]] = {}
-            try:
-                while queue or in_flight:
-                    broken = False
-                    while queue and len(in_flight) < self.max_in_flight:
-                        chunk = queue.pop()
-                        try:
-                            in_flight[pool.submit(_run_batch_in_worker, [row for _, row in chunk])] = chunk
-                        except cf.process.BrokenProcessPool:  # a worker died since the last wait
-                            queue.append(chunk)
-                            broken = True
-                            break
-                    if not broken:
-                        done, _ = cf.wait(in_flight, return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            chunk = in_flight.pop(fut)
-                            try:
-                                outcomes = fut.result()
-                            except cf.process.BrokenProcessPool:
-                                suspects.extend(chunk)
-                                broken = True
-                                continue
-                            for (index, _), outcome in zip(chunk, outcomes):
-                                yield index, outcome
-                    if broken:
-                        if not in_flight and not suspects:
-                            raise RunAborted(self._setup_crash_message(stage))
-                        for chunk in in_flight.values():
-                            suspects.extend(chunk)
-                        in_flight.clear()
-                        log.warning(
-                            "%s: a worker process died; rerunning the %d items that were in "
-                            "flight one at a time to find the one that kills it",
-                            stage.name,
-                            len(suspects),
-                        )
-                        break
-            finally:
-                pool.shutdown(wait=not suspects, cancel_futures=True)
-
-    @staticmethod
-    def _setup_crash_message(stage: Stage) -> str:
-        return (f"{stage.name}: worker processes die before running any item (the stage's per-worker "
-                "setup crashes); rerun with --executor inline to see the error")
-
-    def _run_isolated(self, stage: Stage, suspects: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        """One suspect at a time in a one-worker pool (set up once, and again after each crash)."""
-        pool = None
-        try:
-            for index, row in sorted(suspects, key=lambda x: x[0]):
-                if pool is None:
-                    pool = self._pool(stage, 1)
-                    try:
-                        pool.submit(_worker_ready).result()
-                    except cf.process.BrokenProcessPool:
-                        raise RunAborted(self._setup_crash_message(stage)) from None
-                try:
-                    outcome = pool.submit(_run_in_worker, row).result()
-                except cf.process.BrokenProcessPool:
-                    outcome = {
-                        "ok": False,
-                        "code": "worker_crashed",
-                        "reason": "the worker process died while processing this item "
-                        "(a crash in native code or the out-of-memory killer)",
-                    }
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    pool = None
-                yield index, outcome
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-
-class InlineExecutor:
-    """Runs items (or a batched stage's batches) in this process, one after another: for debugging
-    and tiny inputs."""
-
-    workers = 1
-
-    def run(self, stage: Stage, items: list[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
-        state = stage.setup(stage.settings) if stage.setup else stage.settings
-        for chunk in stage.chunks(items):
-            for (index, _), outcome in zip(chunk, run_batch(stage, [row for _, row in chunk], state)):
-                yield index, outcome
-
-
-def make_executor(name: str, workers: int | None = None, **ray_options: Any) -> Executor:
-    """``local``, ``inline`` or ``ray`` (``ray_options`` go to ``pipeline.ray_executor.RayExecutor``)."""
-    if name == "local":
-        return LocalExecutor(workers)
-    if name == "inline":
-        return InlineExecutor()
-    if name == "ray":
-        from pipeline.ray_executor import RayExecutor
-
-        return RayExecutor(workers=workers, **ray_options)
-    raise StageConfigError(f"--executor: unknown executor {name!r} (choose 'local', 'inline' or 'ray')")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ from pipeline.runner import StageConfigError, default_workers
 from pipeline.shard_reader import ShardReadError, is_pickle_extension, iter_members, open_file
 from pipeline.contracts import INDEX_JSON, SampleJson
 from pipeline.shards import SAMPLE_EXTENSIONS, EmbeddingProblem, parse_npy
+from pipeline.worker_lifetime import exit_with_parent
 
 
 
@@ -246,7 +247,8 @@ def validate_shards(shards_dir: str | os.PathLike, workers: int | None = None) -
     if workers == 1:
         results = map(_validate_one, jobs)
     else:
-        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=exit_with_parent)
         results = pool.map(_validate_one, jobs)
     first_seen: dict[str, str] = {}
     try:

@@ -11,13 +11,8 @@ from pipeline.instructions.prompts import load_prompt_set
 from pipeline.instructions.run import InstructionsConfig, plan_run, run_instructions
 from pipeline.instructions.stage import build_items, write_with_templates
 from pipeline.instructions.stage import read_instruction_records as read_records
-from pipeline.instructions.templates import (
-    clip_facts,
-    readable_chord,
-    readable_key,
-    relative_key,
-    with_article,
-)
+from pipeline.instructions.facts import clip_facts, readable_chord, readable_key
+from pipeline.instructions.wording import relative_key, with_article
 from pipeline.runner import ItemError, StageConfigError
 
 

@@ -18,7 +18,7 @@ from llark.model import (  # noqa: E402
     IGNORE_INDEX, ChatFormatError, ChatFormatter, LlarkConfig, ModelConfigError, build_llark, build_messages,
     configure_training, export_pretrained, load_pretrained, load_tokenizer,
 )
-from llark.model.llark import LoraSettings, check_quantization, projector_state, token_loss  # noqa: E402
+from llark.model.llark import LlarkModel, LoraSettings, check_quantization, projector_state  # noqa: E402
 
 SYSTEM = "You are a music assistant."
 PAIRS = [("What is the key of this song?", "The key is C minor."),
@@ -255,19 +255,39 @@ def test_placeholder_count_must_match_frames(lm_dir):
 def test_loss_is_on_assistant_tokens_only(lm_dir):
     model, tok = tiny_model(lm_dir)
     batch = make_batch(tok)
-    logits, loss = model(batch["input_ids"], batch["attention_mask"], batch["audio"], batch["audio_frames"],
-                         batch["labels"])
-    torch.testing.assert_close(loss, token_loss(logits, batch["labels"]))
-    # Changing the audio changes the logits of the answer, but no prompt position carries a loss term:
-    # the loss equals the mean over exactly the supervised positions.
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["audio"], batch["audio_frames"])
+    logits, _ = model(*inputs)
+    _, loss = model(*inputs, batch["labels"])
+    # The loss, computed from the output layer at the supervised positions only, equals the mean
+    # next-token cross entropy over exactly those positions of the full logits: no prompt position
+    # carries a loss term.
     shift_labels = batch["labels"][:, 1:]
     per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels,
                                                   ignore_index=IGNORE_INDEX, reduction="none")
     mask = shift_labels != IGNORE_INDEX
-    assert (per_token[~mask] == 0).all()
+    assert 0 < mask.sum() < mask.numel()
     torch.testing.assert_close(loss, per_token[mask].mean())
+    torch.testing.assert_close(loss, model.lm(inputs_embeds=model.embed(*inputs[:1], *inputs[2:]),
+                                              attention_mask=inputs[1], labels=batch["labels"]).loss)
     loss.backward()
     assert model.projector.weight.grad.abs().sum() > 0
+
+
+def test_output_layer_at_supervised_positions_matches_the_families_own_logits(tmp_path):
+    """A family whose causal-LM head changes the logits after the output layer (Gemma 2's
+    soft-capping) gets the same logits from the supervised-positions path as from its own forward."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    lm = Gemma2ForCausalLM(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                        final_logit_softcapping=3.0, attn_implementation="eager")).eval()
+    model = LlarkModel(lm, torch.nn.Linear(8, 32), audio_token_id=63, config=LlarkConfig(lm_path="x", encoder_dim=8))
+    embeds = torch.randn(2, 5, 32)
+    full = lm(inputs_embeds=embeds).logits
+    hidden = lm.get_decoder()(inputs_embeds=embeds).last_hidden_state
+    assert full.abs().max() <= 3.0
+    torch.testing.assert_close(model.output_logits(hidden), full)
 
 
 def test_micro_batch_losses_over_the_step_token_count_add_up_to_the_per_token_mean(lm_dir):

@@ -119,18 +119,32 @@ class LlarkModel(nn.Module):
         return embeds.masked_scatter(placeholders.unsqueeze(-1), projected[frames].to(embeds.dtype))
 
     def forward(self, input_ids, attention_mask, audio, audio_frames, labels=None, loss_denominator=None):
-        """Returns ``(logits, loss)``; the loss is None without labels.
+        """Without labels ``(logits, None)``: the logits at every position. With labels ``(None, loss)``.
 
         The loss is the next-token cross entropy summed over the supervised labels and divided by
         ``loss_denominator`` (None: their count, i.e. the mean over this batch's supervised tokens).
         Training passes the supervised-token count of the whole optimizer step, so that micro-batches
-        add up to the per-token mean of the global batch.
+        add up to the per-token mean of the global batch. The output layer runs only at the
+        positions that predict a supervised label: a chat sample supervises its answer, a few tokens
+        of its length, and the ``[batch, length, vocab]`` logits are the largest tensor of the step.
         """
-        out = self.lm(inputs_embeds=self.embed(input_ids, audio, audio_frames), attention_mask=attention_mask,
-                      use_cache=False)
+        embeds = self.embed(input_ids, audio, audio_frames)
         if labels is None:
-            return out.logits, None
-        return out.logits, token_loss(out.logits, labels, loss_denominator)
+            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits, None
+        hidden = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        logits = self.output_logits(hidden[supervised]).float()
+        loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
+        return None, loss / (supervised.sum().clamp(min=1) if loss_denominator is None else loss_denominator)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The language model's output layer on final hidden states, with the logit soft-capping
+        that some families (Gemma 2 and 3) apply after it."""
+        logits = self.lm.get_output_embeddings()(hidden)
+        cap = getattr(self.lm.config.get_text_config(), "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
 
     @torch.no_grad()
     def generate(self, input_ids, audio, audio_frames, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -145,17 +159,6 @@ class LlarkModel(nn.Module):
         # Under ZeRO-3 a partitioned parameter's numel() is 0; ds_numel is its full size.
         count = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps if p.requires_grad)  # noqa: E731
         return {"projector": count(self.projector.parameters()), "lm": count(self.lm.parameters())}
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: float | int | None = None) -> torch.Tensor:
-    """Next-token cross entropy summed over supervised labels, divided by ``denominator`` (None: the
-    number of supervised labels, i.e. the mean the HF model computes internally)."""
-    # Shifting the labels, not the logits, spares a copy of the [batch, length, vocab] logits.
-    labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()
-    logits = logits.flatten(0, 1).float()
-    if denominator is None:
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / denominator
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ overhead       1.5 GB (CUDA context, allocator) + 10 % of the rest
 The optimizer is torch's fused AdamW, as ``llark train`` configures it (the foreach one takes a
 further 4T / N at each step). ``benchmarks/plan_memory.py`` sets these terms beside the memory two
 DeepSpeed processes really take on CPU. Estimates, not measurements: allow a margin of 10-20 % and
-check with a short run.
+check with a short run. The logits term is an upper bound: training runs the output layer only at
+the positions that predict a supervised (answer) token, fewer than b·s.
 """
 
 from __future__ import annotations

@@ -108,6 +108,7 @@ from pipeline.demo_data.theory import (
     pitch_names,
 )
 from pipeline.files import atomic_write, write_text
+from pipeline.worker_lifetime import exit_with_parent
 
 GENERATOR_VERSION = 1
 METADATA_COLUMNS = (
@@ -215,7 +216,7 @@ def generate_demo_dataset(out_dir: str | os.PathLike, n_clips: int = 240, seed: 
     if workers > 1 and len(jobs) > 4:
         # forkserver: the caller may hold threads (torch, onnxruntime) that fork would copy mid-lock
         context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with_parent) as pool:
             rows = list(pool.map(_write_clip_job, jobs, chunksize=4))
     else:
         rows = [_write_clip_job(job) for job in jobs]

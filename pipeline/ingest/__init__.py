@@ -9,7 +9,7 @@ given under ``annotations``. Modules are imported on demand, so a dataset's extr
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ ADAPTER_MODULES = {
     "giantsteps_tempo": "pipeline.ingest.giantsteps",
     "gtzan": "pipeline.ingest.gtzan",
     "medleydb": "pipeline.ingest.medleydb",
+    "folder": "pipeline.ingest.folder",  # a researcher's own folder of audio
 }
 
 
@@ -40,8 +41,9 @@ class DatasetLayoutError(PipelineError, ValueError):
 class Adapter:
     """How to read one dataset.
 
-    ``prepare(root, **options) -> list[ClipRecord]`` reads the dataset under ``root``; it raises
-    ``DatasetLayoutError`` naming the missing file when the layout is not there. ``layout`` is a
+    ``prepare(root, **options) -> list[ClipRecord] | Prepared`` reads the dataset under ``root``; it
+    raises ``DatasetLayoutError`` naming the missing file when the layout is not there, and returns a
+    ``Prepared`` when it also has error records for parts of the dataset it could not use. ``layout`` is a
     short description of the expected files, shown by ``llark ingest --help``.
     ``window_annotations(record, start_s, end_s) -> dict``, when given, returns the annotations of
     the window ``[start_s, end_s)`` of the source (times relative to the window); the crop stage
@@ -53,11 +55,20 @@ class Adapter:
     """
 
     name: str
-    prepare: Callable[..., list[ClipRecord]]
+    prepare: Callable[..., "list[ClipRecord] | Prepared"]
     layout: str
     description: str
     window_annotations: Callable[[ClipRecord, float, float], dict[str, Any]] | None = None
     labels: Callable[[ClipRecord], Labels] | None = None
+
+
+@dataclass
+class Prepared:
+    """An adapter's records and its error records (``{"id", "code", "reason", ...}``): rows of its
+    metadata it could not use, written to the ingest errors file while the run goes on."""
+
+    records: list[ClipRecord]
+    errors: list[dict[str, Any]] = field(default_factory=list)
 
 
 def get_adapter(name: str) -> Adapter:

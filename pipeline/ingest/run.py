@@ -2,7 +2,9 @@
 
 Ingestion is the source of the pipeline, so it does not run on the per-item runner: it reads a
 dataset's own metadata files once. It checks every record (a valid, unique id; the audio file
-exists) and writes records whose audio is missing to the errors file instead of the output.
+exists) and writes records whose audio is missing to the errors file instead of the output. An
+adapter may also hand back error records of its own (rows of its metadata it could not use) by
+returning a ``Prepared``; they go to the same errors file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.ingest import DatasetLayoutError, get_adapter, with_labels
+from pipeline.ingest import DatasetLayoutError, Prepared, get_adapter, with_labels
 from pipeline.records import write_jsonl
 from pipeline.runner import OutputLock, StageConfigError, errors_path
 
@@ -29,6 +31,7 @@ class IngestSummary:
     errors: Path
     records: int = 0
     missing_audio: int = 0
+    adapter_errors: int = 0
     by_split: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -59,6 +62,9 @@ def ingest_dataset(name: str, root: str | os.PathLike, output: str | os.PathLike
             records = adapter.prepare(root, **options)
         except DatasetLayoutError as exc:
             raise StageConfigError(f"{name}: {exc}") from None
+        adapter_errors: list[dict[str, Any]] = []
+        if isinstance(records, Prepared):
+            records, adapter_errors = records.records, [{"stage": "ingest", **e} for e in records.errors]
         summary = IngestSummary(dataset=name, output=output, errors=errors_path(output))
         seen: set[str] = set()
         good, errors = [], []
@@ -74,10 +80,13 @@ def ingest_dataset(name: str, root: str | os.PathLike, output: str | os.PathLike
             summary.by_split[record.split] = summary.by_split.get(record.split, 0) + 1
         summary.records = write_jsonl(output, good)
         summary.missing_audio = len(errors)
-        write_jsonl(summary.errors, errors)
+        summary.adapter_errors = len(adapter_errors)
+        write_jsonl(summary.errors, errors + adapter_errors)
     summary.seconds = time.monotonic() - started
     splits = ", ".join(f"{k}: {v}" for k, v in sorted(summary.by_split.items()))
     log.info("ingest: %d %s records (%s) in %s", summary.records, name, splits or "none", output)
     if errors:
         log.warning("ingest: %d records have no audio file; listed in %s", len(errors), summary.errors)
+    if adapter_errors:
+        log.warning("ingest: %d parts of %s could not be used; listed in %s", len(adapter_errors), name, summary.errors)
     return summary

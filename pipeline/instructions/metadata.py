@@ -46,6 +46,11 @@ def clip_metadata(record: dict) -> dict[str, Any]:
     annotations = record.get("annotations") or {}
     view = DATASET_VIEWS.get(record.get("dataset", ""), generic_view)
     metadata = {k: v for k, v in view(annotations).items() if v not in (None, "", [], {})}
+    if view is generic_view:
+        # A dataset without a view of its own (a researcher's folder) is described by its labels.
+        for k, v in labels_view(record.get("labels") or {}).items():
+            if v not in (None, "", [], {}):
+                metadata.setdefault(k, v)
     metadata.update(augmented_features(record.get("features") or {}))
     return metadata
 
@@ -131,12 +136,27 @@ def caption_view(a: dict) -> dict:
     return {"caption": a.get("caption")}
 
 
-_LEFT_OUT = re.compile(r"(^|_)(id|ids|path|url|audio|file|filename)$|^(title|artist|album|name|duration|seconds)$")
+_LEFT_OUT = re.compile(r"(^|_)(id|ids|path|url|audio|file|filename)$|^(title|artist|album|name|file_name|duration|seconds)$")
 
 
 def generic_view(a: dict) -> dict:
     """Any other dataset: its annotations minus paths, ids, names and durations, one level deep."""
     return {k: v for k, v in a.items() if not _LEFT_OUT.search(k.lower()) and k != "in_clip"}
+
+
+def labels_view(labels: dict) -> dict:
+    """A record's normalised labels (``pipeline.labels.Labels``) under the keys the template writer reads."""
+    return {
+        "genres": _strings(labels.get("genres")) or _strings([labels.get("genre")]),
+        "tempo_bpm": _number(labels.get("tempo_bpm")),
+        "key": labels.get("key"),
+        "beats_per_bar": labels.get("beats_per_bar"),
+        "instruments": _strings(labels.get("instruments")),
+        "moods": _strings(labels.get("moods")),
+        "tags": _strings(labels.get("tags")),
+        "caption": labels.get("caption"),
+        "lyrics_language": labels.get("lyrics_language"),
+    }
 
 
 DATASET_VIEWS: dict[str, Callable[[dict], dict]] = {

@@ -26,7 +26,8 @@ from pipeline.contracts import INSTRUCTION_FIELDS, InstructionRecord
 from pipeline.instructions.filtering import FilterSettings, filter_pairs
 from pipeline.instructions.metadata import clip_metadata, identifier_like_keys
 from pipeline.instructions.parsing import UnusableReply, parse_reply
-from pipeline.instructions.templates import TEMPLATE_VERSION, clip_facts, item_rng, write_pairs
+from pipeline.instructions.facts import clip_facts
+from pipeline.instructions.templates import TEMPLATE_VERSION, item_rng, write_pairs
 from pipeline.records import InvalidRecord, check_id, iter_jsonl, parse_record
 from pipeline.runner import ItemError, errors_path
 

@@ -18,6 +18,15 @@ from pipeline.runner import ledger_path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def alive(pid: int) -> bool:
+    """Running: a zombie that nobody reaps yet (a container without init) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
 def finished_items(out: Path) -> int:
     ledger = ledger_path(out)
     return max(ledger.read_text().count("\n") - 1, 0) if ledger.exists() else 0
