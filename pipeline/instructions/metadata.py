@@ -26,7 +26,7 @@ import json
 import re
 from typing import Any, Callable
 
-METADATA_FORMAT_VERSION = 1
+METADATA_FORMAT_VERSION = 2  # 2: datasets without a view of their own are described by their labels
 AUGMENTED_FEATURES = (
     "tempo_in_beats_per_minute_madmom",
     "key_madmom",
@@ -34,6 +34,7 @@ AUGMENTED_FEATURES = (
     "beat_grid_madmom",
 )
 MAX_TEXT_CHARS = 1200
+EMPTY = (None, "", [], {})
 MAX_NOTES = 600
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
@@ -45,11 +46,11 @@ def clip_metadata(record: dict) -> dict[str, Any]:
     """The JSON object describing one clip record (a dict in the clip-record format)."""
     annotations = record.get("annotations") or {}
     view = DATASET_VIEWS.get(record.get("dataset", ""), generic_view)
-    metadata = {k: v for k, v in view(annotations).items() if v not in (None, "", [], {})}
+    metadata = {k: v for k, v in view(annotations).items() if v not in EMPTY}
     if view is generic_view:
         # A dataset without a view of its own (a researcher's folder) is described by its labels.
         for k, v in labels_view(record.get("labels") or {}).items():
-            if v not in (None, "", [], {}):
+            if v not in EMPTY:
                 metadata.setdefault(k, v)
     metadata.update(augmented_features(record.get("features") or {}))
     return metadata
