@@ -52,6 +52,17 @@ class Adapter:
     annotations (a pure function: ingest stores its result, the crop stage calls it again on each
     clip, whose ``in_clip`` annotations narrow what is heard, and it serves records written before
     labels existed). An adapter without it sets ``labels`` on its records itself.
+    ``prompt_view(annotations) -> dict``, when given, chooses and names the annotations the Q/A
+    writer's prompt shows, under the keys ``prompts/fields/<name>.txt`` describes (values made with
+    ``pipeline.prompt_values``); without it the prompt shows the annotations less ids, paths and names,
+    and the labels.
+    ``template_words(view) -> dict``, when given, turns that view's labels into the words the
+    template writer uses: any of the ``pipeline.instructions.facts.Facts`` fields ``genres``,
+    ``instruments``, ``moods``, ``themes``, ``tags``, ``vocals`` (True/False) and ``voice``
+    (``"female"``/``"male"``). Without it, the view's ``genre(s)``, ``instruments``, ``moods``,
+    ``tags``, ``ensemble`` and ``notes`` are read as they are.
+    ``lists_every_instrument``: the dataset's instrument lists name every instrument heard (note-level
+    data), so templates may say an instrument is absent.
     """
 
     name: str
@@ -60,6 +71,9 @@ class Adapter:
     description: str
     window_annotations: Callable[[ClipRecord, float, float], dict[str, Any]] | None = None
     labels: Callable[[ClipRecord], Labels] | None = None
+    prompt_view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    template_words: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    lists_every_instrument: bool = False
 
 
 @dataclass
@@ -80,6 +94,12 @@ def get_adapter(name: str) -> Adapter:
     return adapters[name]
 
 
+def find_adapter(name: str) -> Adapter | None:
+    """The adapter registered as ``name``, or None for a dataset this version does not know (records
+    written by another version are still described, generically)."""
+    return get_adapter(name) if name in ADAPTER_MODULES else None
+
+
 def labels_of(record: ClipRecord | dict) -> Labels:
     """The clip's labels: those its record carries, else what its dataset's adapter derives from the
     annotations (records written before labels existed), else none."""
@@ -87,7 +107,7 @@ def labels_of(record: ClipRecord | dict) -> Labels:
         record = ClipRecord.model_validate(record)
     if record.labels is not None:
         return Labels.model_validate(record.labels)
-    adapter = get_adapter(record.dataset) if record.dataset in ADAPTER_MODULES else None
+    adapter = find_adapter(record.dataset)
     if adapter is None or adapter.labels is None:
         return Labels.lenient()
     return adapter.labels(record)
@@ -95,7 +115,7 @@ def labels_of(record: ClipRecord | dict) -> Labels:
 
 def with_labels(record: ClipRecord) -> ClipRecord:
     """``record`` with the labels its adapter derives from its annotations (unchanged without one)."""
-    adapter = get_adapter(record.dataset) if record.dataset in ADAPTER_MODULES else None
+    adapter = find_adapter(record.dataset)
     if adapter is None or adapter.labels is None:
         return record
     return record.model_copy(update={"labels": adapter.labels(record).to_dict() or None})

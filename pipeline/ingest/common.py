@@ -164,3 +164,8 @@ def heard(annotations: dict, key: str):
     """``key`` of the window a clip holds (``in_clip``, written by the crop stage), else the track's."""
     in_clip = annotations.get("in_clip") or {}
     return in_clip.get(key) if key in in_clip else annotations.get(key)
+
+
+def caption_view(annotations: dict) -> dict:
+    """The prompt view of a captioned dataset: its caption only."""
+    return {"caption": annotations.get("caption")}

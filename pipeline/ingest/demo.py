@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.ingest import Adapter, DatasetLayoutError, require
 from pipeline.labels import Labels
+from pipeline.prompt_values import number, readable_name, strings
 from pipeline.records import ClipRecord, InvalidRecord, check_id
 
 DATASET = "demo"
@@ -112,6 +113,20 @@ def labels(record: ClipRecord) -> Labels:
                   complete=["genres", "instruments"], vocabularies={"genre": [s.name for s in STYLES]})
 
 
+def prompt_view(a: dict) -> dict:
+    instruments = a.get("instruments")
+    if isinstance(instruments, str):
+        instruments = [i for i in instruments.split(";") if i]
+    return {
+        "genre": a.get("genre"),
+        "tempo_bpm": number(a.get("tempo_bpm")),
+        "key": a.get("key"),
+        "metre": a.get("metre"),
+        "instruments": [readable_name(i) for i in strings(instruments)],
+        "progression": a.get("progression"),
+    }
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -120,4 +135,6 @@ ADAPTER = Adapter(
     "(made by `llark demo-data`; no download)",
     window_annotations=window_annotations,
     labels=labels,
+    prompt_view=prompt_view,
+    lists_every_instrument=True,
 )

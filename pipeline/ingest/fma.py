@@ -26,11 +26,13 @@ genre ids also given as titles (``genres``/``genres_all`` are titles, ``genre_id
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, open_text, parse_literal_list, parse_number, read_table
 from pipeline.labels import Labels
+from pipeline.prompt_values import clean_text, strings, unique_words
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "fma"
@@ -166,6 +168,30 @@ def labels(record: ClipRecord) -> Labels:
                   tags=list(track.get("tags") or []), lyrics_language=track.get("language_code"))
 
 
+def prompt_view(a: dict) -> dict:
+    track, album, artist = (a.get(g) or {} for g in ("track", "album", "artist"))
+    return {
+        "track.genre_top": track.get("genre_top"),
+        "track.genres": strings(track.get("genres")),
+        "track.genres_all": strings(track.get("genres_all")),
+        "track.tags": strings(track.get("tags")),
+        "track.information": clean_text(track.get("information")),
+        "track.language_code": track.get("language_code"),
+        "album.information": clean_text(album.get("information")),
+        "album.tags": strings(album.get("tags")),
+        "artist.tags": strings(artist.get("tags")),
+    }
+
+
+_WORDY_TAG = re.compile(r"[a-z][a-z &'-]{1,24}")
+
+
+def template_words(view: dict) -> dict:
+    """The track's genres, and up to 8 of its free tags that read as a few words (not URLs or codes)."""
+    tags = [t for t in unique_words(view.get("track.tags") or []) if _WORDY_TAG.fullmatch(t.lower()) and len(t.split()) <= 3]
+    return {"genres": unique_words([view.get("track.genre_top"), *(view.get("track.genres") or [])]), "tags": tags[:8]}
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -173,4 +199,6 @@ ADAPTER = Adapter(
     description="FMA (Free Music Archive): track, album and artist metadata, genres and tags; "
     "FMA's default train/validation/test split; option subset=small|medium|large|full",
     labels=labels,
+    prompt_view=prompt_view,
+    template_words=template_words,
 )

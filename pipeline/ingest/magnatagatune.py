@@ -26,6 +26,7 @@ from pathlib import Path
 from pipeline.ingest import Adapter
 from pipeline.ingest.common import Skipped, read_table
 from pipeline.labels import Labels
+from pipeline.prompt_values import strings
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "magnatagatune"
@@ -101,6 +102,83 @@ def labels(record: ClipRecord) -> Labels:
     return Labels.lenient(tags=list(record.annotations.get("tags") or []))
 
 
+def prompt_view(a: dict) -> dict:
+    return {"tags": strings(a.get("tags"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tags in words, for the template writer (the crowd's spellings, misspellings included)
+
+
+GENRE_WORDS = {
+    "classical": "classical", "clasical": "classical", "rock": "rock", "hard rock": "hard rock",
+    "soft rock": "soft rock", "jazz": "jazz", "jazzy": "jazz", "folk": "folk", "ambient": "ambient",
+    "new age": "new age", "funk": "funk", "funky": "funk", "country": "country", "reggae": "reggae",
+    "electronic": "electronic", "electronica": "electronic", "electro": "electronic", "trance": "trance",
+    "heavy metal": "heavy metal", "metal": "metal", "disco": "disco", "industrial": "industrial",
+    "jungle": "jungle", "pop": "pop", "punk": "punk", "blues": "blues", "techno": "techno", "house": "house",
+    "rap": "rap", "hip hop": "hip-hop", "baroque": "baroque", "medieval": "medieval", "celtic": "Celtic",
+    "irish": "Irish folk", "opera": "opera", "world": "world", "middle eastern": "Middle Eastern",
+    "indian": "Indian", "india": "Indian", "arabic": "Arabic", "oriental": "East Asian", "eastern": "Eastern",
+    "spanish": "Spanish", "tribal": "tribal", "dance": "dance",
+}
+
+
+INSTRUMENT_WORDS = {
+    "guitar": "guitar", "guitars": "guitar", "acoustic guitar": "acoustic guitar",
+    "electric guitar": "electric guitar", "classical guitar": "classical guitar", "piano": "piano",
+    "piano solo": "piano", "harpsichord": "harpsichord", "harpsicord": "harpsichord", "sitar": "sitar",
+    "clarinet": "clarinet", "woodwind": "woodwinds", "horns": "horns", "horn": "horn", "banjo": "banjo",
+    "violin": "violin", "violins": "violins", "fiddle": "fiddle", "strings": "strings", "string": "strings",
+    "synth": "synthesizer", "synthesizer": "synthesizer", "trumpet": "trumpet", "percussion": "percussion",
+    "drum": "drums", "drums": "drums", "bongos": "bongos", "bass": "bass", "keyboard": "keyboard",
+    "organ": "organ", "bells": "bells", "chimes": "chimes", "harp": "harp", "lute": "lute", "oboe": "oboe",
+    "viola": "viola", "cello": "cello", "flute": "flute", "flutes": "flute", "sax": "saxophone",
+    "orchestra": "orchestra", "choir": "choir", "clapping": "hand claps",
+}
+
+
+MOOD_WORDS = {
+    "heavy": "heavy", "eerie": "eerie", "spacey": "spacey", "quiet": "quiet", "happy": "happy", "airy": "airy",
+    "repetitive": "repetitive", "loud": "loud", "weird": "weird", "dark": "dark", "strange": "strange",
+    "mellow": "mellow", "light": "light", "sad": "sad", "scary": "scary", "calm": "calm", "upbeat": "upbeat",
+    "soft": "soft", "deep": "deep", "hard": "hard",
+}
+
+
+FEMALE_VOICE = {"female singing", "female opera", "female", "female voice", "girl", "female vocal", "woman",
+                "woman singing", "female vocals", "female singer", "women", "soprano"}
+
+
+MALE_VOICE = {"male vocal", "men", "male voice", "male singer", "man singing", "male opera", "man",
+              "male vocals", "male", "monks"}
+
+
+VOCAL_TAGS = FEMALE_VOICE | MALE_VOICE | {"singer", "duet", "chorus", "vocals", "vocal", "voice", "voices",
+                                          "chanting", "chant", "talking", "choral", "opera", "operatic",
+                                          "singing", "choir", "rap"}
+
+
+NO_VOCAL_TAGS = {"no voice", "no voices", "no vocal", "no vocals", "no singing", "no singer", "instrumental"}
+
+
+def template_words(view: dict) -> dict:
+    tags = [t.lower() for t in view.get("tags") or []]
+    words: dict = {
+        "genres": [GENRE_WORDS[t] for t in tags if t in GENRE_WORDS],
+        "instruments": [INSTRUMENT_WORDS[t] for t in tags if t in INSTRUMENT_WORDS and t != "choir"],
+        "moods": [MOOD_WORDS[t] for t in tags if t in MOOD_WORDS],
+        "tags": [t for t in tags if not t.startswith(("no ", "not ")) and t not in ("lol", "silence")][:8],
+    }
+    if any(t in NO_VOCAL_TAGS for t in tags):
+        words["vocals"] = False
+    elif any(t in VOCAL_TAGS for t in tags):
+        female, male = any(t in FEMALE_VOICE for t in tags), any(t in MALE_VOICE for t in tags)
+        words["vocals"] = True
+        words["voice"] = "female" if female and not male else "male" if male and not female else None
+    return words
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -108,4 +186,6 @@ ADAPTER = Adapter(
     description="MagnaTagATune: 188 binary crowd-sourced tags per 29 s clip, plus title/artist/album "
     "when clip_info_final.csv is present; folders 0-b train, c valid, d-f test",
     labels=labels,
+    prompt_view=prompt_view,
+    template_words=template_words,
 )

@@ -29,6 +29,7 @@ from pipeline.files import write_text
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, log, open_text, parse_number
 from pipeline.labels import Labels
+from pipeline.prompt_values import strings
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "mtg_jamendo"
@@ -144,6 +145,56 @@ def labels(record: ClipRecord) -> Labels:
                   instrument_vocabulary="mtg_jamendo", moods=list(a.get("moods") or []), tags=list(a.get("tags") or []))
 
 
+def prompt_view(a: dict) -> dict:
+    return {"genres": strings(a.get("genres")), "instruments": strings(a.get("instruments")),
+            "moods": strings(a.get("moods"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tags in words, for the template writer (MTG-Jamendo writes them as run-together words)
+
+
+GENRE_WORDS = {
+    "hiphop": "hip-hop", "rnb": "R&B", "drumnbass": "drum and bass", "easylistening": "easy listening",
+    "newage": "new age", "triphop": "trip-hop", "poprock": "pop rock", "idm": "IDM", "chillout": "chill-out",
+    "darkambient": "dark ambient", "bossanova": "bossa nova", "alternativerock": "alternative rock",
+    "singersongwriter": "singer-songwriter", "worldfusion": "world fusion", "deephouse": "deep house",
+    "jazzfusion": "jazz fusion", "hardrock": "hard rock", "acidjazz": "acid jazz", "rocknroll": "rock and roll",
+    "electropop": "electropop", "synthpop": "synth-pop", "edm": "EDM", "lounge": "lounge", "dubstep": "dubstep",
+    "breakbeat": "breakbeat", "eurodance": "Eurodance", "postrock": "post-rock", "newwave": "new wave",
+    "hardcore": "hardcore", "reggae": "reggae", "90s": "1990s pop", "80s": "1980s pop", "60s": "1960s pop",
+}
+
+
+INSTRUMENT_WORDS = {
+    "electricguitar": "electric guitar", "acousticguitar": "acoustic guitar", "classicalguitar": "classical guitar",
+    "drummachine": "drum machine", "electricpiano": "electric piano", "doublebass": "double bass",
+    "acousticbassguitar": "acoustic bass guitar", "pipeorgan": "pipe organ", "rhodes": "Rhodes piano",
+    "synthesizer": "synthesizer", "computer": "computer-made sounds", "beat": "a programmed beat",
+    "pad": "synth pad", "sampler": "samples", "voice": "voice", "bongo": "bongos", "bell": "bells",
+}
+
+
+THEMES = {
+    "film", "movie", "christmas", "advertising", "commercial", "corporate", "documentary", "background",
+    "children", "game", "holiday", "nature", "party", "retro", "space", "sport", "summer", "trailer",
+    "travel", "love", "soundscape", "ballad", "action", "adventure", "horror", "wedding", "sexy", "fun",
+}
+
+
+MOOD_WORDS = {"dream": "dreamy", "melancholic": "melancholic", "funny": "funny"}
+
+
+def template_words(view: dict) -> dict:
+    instruments = view.get("instruments") or []
+    moods, themes = [], []
+    for mood in view.get("moods") or []:
+        (themes if mood in THEMES else moods).append(MOOD_WORDS.get(mood, mood))
+    return {"genres": [GENRE_WORDS.get(g, g) for g in view.get("genres") or []],
+            "instruments": [INSTRUMENT_WORDS.get(i, i) for i in instruments],
+            "vocals": True if "voice" in instruments else None, "moods": moods, "themes": themes}
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -151,4 +202,6 @@ ADAPTER = Adapter(
     description="MTG-Jamendo autotagging: genre, instrument and mood/theme tags; a fixed random "
     "test set (options test_size=1000, seed=0, split_file), the rest train",
     labels=labels,
+    prompt_view=prompt_view,
+    template_words=template_words,
 )

@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline.ingest import Adapter
 from pipeline.ingest.common import (
     Skipped,
+    caption_view,
     find_audio,
     is_youtube_id,
     occurrence_ids,
@@ -99,6 +100,7 @@ ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
     labels=labels,
+    prompt_view=caption_view,
     layout="musiccaps-public.csv, audio/<ytid>.(wav|flac|mp3|ogg)",
     description="MusicCaps: human captions and aspect lists of 10 s YouTube windows; AudioSet eval "
     "clips are the test split, the rest train captioning",

@@ -33,6 +33,7 @@ from typing import Any
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import Skipped, heard, parse_number, read_table
 from pipeline.labels import Labels
+from pipeline.prompt_values import notes_by_instrument, strings
 from pipeline.records import ClipRecord, make_id
 
 DATASET = "musicnet"
@@ -181,6 +182,17 @@ def labels(record: ClipRecord) -> Labels:
                   complete=["instruments"])
 
 
+def prompt_view(a: dict) -> dict:
+    """The work, the instruments heard and every note of the clip's window, by instrument."""
+    in_clip = a.get("in_clip") or {}
+    out = {k: a.get(k) for k in ("composer", "composition", "movement", "ensemble")}
+    out["instruments"] = strings(in_clip.get("instruments") if in_clip else a.get("instruments"))
+    notes, listed_until = notes_by_instrument(in_clip.get("notes") or [])
+    out["notes"] = notes
+    out["notes_listed_until_s"] = listed_until
+    return out
+
+
 ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
@@ -189,4 +201,6 @@ ADAPTER = Adapter(
     "official train/test split; train recordings also captioned window by window",
     window_annotations=window_annotations,
     labels=labels,
+    prompt_view=prompt_view,
+    lists_every_instrument=True,
 )

@@ -25,6 +25,7 @@ from pathlib import Path
 from pipeline.ingest import Adapter, DatasetLayoutError
 from pipeline.ingest.common import (
     Skipped,
+    caption_view,
     find_audio,
     is_youtube_id,
     log,
@@ -92,6 +93,7 @@ ADAPTER = Adapter(
     name=DATASET,
     prepare=prepare,
     labels=labels,
+    prompt_view=caption_view,
     layout="train.csv and test.csv (video_id,start,end,text), audio/<video_id>.(wav|flac|mp3|ogg)",
     description="YouTube8M-MusicTextClips: human descriptions of 10 s music clips from YouTube8M "
     "videos; both files train captioning, as in the paper",

@@ -1,96 +1,16 @@
 """What the template writer knows about a clip: ``Facts`` (tempo, key, metre, chords, genres,
 instruments, vocals, moods, themes, tags, and for note-level data the order of entrances, registers
-and density), read from the JSON the language model would get (``metadata.clip_metadata``), with
-the vocabularies that turn a dataset's own spelling of a tag into words."""
+and density), read from the JSON the language model would get (``metadata.clip_metadata``); a
+dataset's own spelling of its tags is turned into words by its ingest adapter."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-
-MTG_GENRES = {
-    "hiphop": "hip-hop", "rnb": "R&B", "drumnbass": "drum and bass", "easylistening": "easy listening",
-    "newage": "new age", "triphop": "trip-hop", "poprock": "pop rock", "idm": "IDM", "chillout": "chill-out",
-    "darkambient": "dark ambient", "bossanova": "bossa nova", "alternativerock": "alternative rock",
-    "singersongwriter": "singer-songwriter", "worldfusion": "world fusion", "deephouse": "deep house",
-    "jazzfusion": "jazz fusion", "hardrock": "hard rock", "acidjazz": "acid jazz", "rocknroll": "rock and roll",
-    "electropop": "electropop", "synthpop": "synth-pop", "edm": "EDM", "lounge": "lounge", "dubstep": "dubstep",
-    "breakbeat": "breakbeat", "eurodance": "Eurodance", "postrock": "post-rock", "newwave": "new wave",
-    "hardcore": "hardcore", "reggae": "reggae", "90s": "1990s pop", "80s": "1980s pop", "60s": "1960s pop",
-}
-
-
-MTG_INSTRUMENTS = {
-    "electricguitar": "electric guitar", "acousticguitar": "acoustic guitar", "classicalguitar": "classical guitar",
-    "drummachine": "drum machine", "electricpiano": "electric piano", "doublebass": "double bass",
-    "acousticbassguitar": "acoustic bass guitar", "pipeorgan": "pipe organ", "rhodes": "Rhodes piano",
-    "synthesizer": "synthesizer", "computer": "computer-made sounds", "beat": "a programmed beat",
-    "pad": "synth pad", "sampler": "samples", "voice": "voice", "bongo": "bongos", "bell": "bells",
-}
-
-
-MTG_THEMES = {
-    "film", "movie", "christmas", "advertising", "commercial", "corporate", "documentary", "background",
-    "children", "game", "holiday", "nature", "party", "retro", "space", "sport", "summer", "trailer",
-    "travel", "love", "soundscape", "ballad", "action", "adventure", "horror", "wedding", "sexy", "fun",
-}
-
-
-MTG_MOOD_WORDS = {"dream": "dreamy", "melancholic": "melancholic", "funny": "funny"}
-
-
-MAGNA_GENRES = {
-    "classical": "classical", "clasical": "classical", "rock": "rock", "hard rock": "hard rock",
-    "soft rock": "soft rock", "jazz": "jazz", "jazzy": "jazz", "folk": "folk", "ambient": "ambient",
-    "new age": "new age", "funk": "funk", "funky": "funk", "country": "country", "reggae": "reggae",
-    "electronic": "electronic", "electronica": "electronic", "electro": "electronic", "trance": "trance",
-    "heavy metal": "heavy metal", "metal": "metal", "disco": "disco", "industrial": "industrial",
-    "jungle": "jungle", "pop": "pop", "punk": "punk", "blues": "blues", "techno": "techno", "house": "house",
-    "rap": "rap", "hip hop": "hip-hop", "baroque": "baroque", "medieval": "medieval", "celtic": "Celtic",
-    "irish": "Irish folk", "opera": "opera", "world": "world", "middle eastern": "Middle Eastern",
-    "indian": "Indian", "india": "Indian", "arabic": "Arabic", "oriental": "East Asian", "eastern": "Eastern",
-    "spanish": "Spanish", "tribal": "tribal", "dance": "dance",
-}
-
-
-MAGNA_INSTRUMENTS = {
-    "guitar": "guitar", "guitars": "guitar", "acoustic guitar": "acoustic guitar",
-    "electric guitar": "electric guitar", "classical guitar": "classical guitar", "piano": "piano",
-    "piano solo": "piano", "harpsichord": "harpsichord", "harpsicord": "harpsichord", "sitar": "sitar",
-    "clarinet": "clarinet", "woodwind": "woodwinds", "horns": "horns", "horn": "horn", "banjo": "banjo",
-    "violin": "violin", "violins": "violins", "fiddle": "fiddle", "strings": "strings", "string": "strings",
-    "synth": "synthesizer", "synthesizer": "synthesizer", "trumpet": "trumpet", "percussion": "percussion",
-    "drum": "drums", "drums": "drums", "bongos": "bongos", "bass": "bass", "keyboard": "keyboard",
-    "organ": "organ", "bells": "bells", "chimes": "chimes", "harp": "harp", "lute": "lute", "oboe": "oboe",
-    "viola": "viola", "cello": "cello", "flute": "flute", "flutes": "flute", "sax": "saxophone",
-    "orchestra": "orchestra", "choir": "choir", "clapping": "hand claps",
-}
-
-
-MAGNA_MOODS = {
-    "heavy": "heavy", "eerie": "eerie", "spacey": "spacey", "quiet": "quiet", "happy": "happy", "airy": "airy",
-    "repetitive": "repetitive", "loud": "loud", "weird": "weird", "dark": "dark", "strange": "strange",
-    "mellow": "mellow", "light": "light", "sad": "sad", "scary": "scary", "calm": "calm", "upbeat": "upbeat",
-    "soft": "soft", "deep": "deep", "hard": "hard",
-}
-
-
-FEMALE_VOICE = {"female singing", "female opera", "female", "female voice", "girl", "female vocal", "woman",
-                "woman singing", "female vocals", "female singer", "women", "soprano"}
-
-
-MALE_VOICE = {"male vocal", "men", "male voice", "male singer", "man singing", "male opera", "man",
-              "male vocals", "male", "monks"}
-
-
-VOCAL_TAGS = FEMALE_VOICE | MALE_VOICE | {"singer", "duet", "chorus", "vocals", "vocal", "voice", "voices",
-                                          "chanting", "chant", "talking", "choral", "opera", "operatic",
-                                          "singing", "choir", "rap"}
-
-
-NO_VOCAL_TAGS = {"no voice", "no voices", "no vocal", "no vocals", "no singing", "no singer", "instrumental"}
+from pipeline.ingest import find_adapter
+from pipeline.prompt_values import unique_words
 
 
 PITCH_CLASSES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -140,6 +60,8 @@ class Facts:
 
 
 def clip_facts(metadata: dict, dataset: str) -> Facts:
+    """The facts of one clip's prompt JSON; the dataset's ingest adapter turns its own labels into words
+    (``Adapter.template_words``), else its genre(s), instruments, moods, tags and notes are read as given."""
     f = Facts()
     f.tempo_bpm = _positive(metadata.get("tempo_bpm")) or _positive(metadata.get("tempo_in_beats_per_minute_madmom"))
     f.key = readable_key(metadata.get("key") or metadata.get("key_madmom"))
@@ -148,48 +70,24 @@ def clip_facts(metadata: dict, dataset: str) -> Facts:
     f.chords, f.seconds_per_chord = _chords(metadata.get("chords_madmom"))
     if isinstance(metadata.get("progression"), str):
         f.progression = metadata["progression"].replace("-", "–")
-    if dataset == "fma":
-        f.genres = _unique([metadata.get("track.genre_top"), *(metadata.get("track.genres") or [])])
-        f.tags = [t for t in _unique(metadata.get("track.tags") or []) if re.fullmatch(r"[a-z][a-z &'-]{1,24}", t.lower())
-                  and len(t.split()) <= 3][:8]
-    elif dataset == "mtg_jamendo":
-        f.genres = [MTG_GENRES.get(g, g) for g in metadata.get("genres") or []]
-        f.instruments = [MTG_INSTRUMENTS.get(i, i) for i in metadata.get("instruments") or []]
-        if "voice" in (metadata.get("instruments") or []):
-            f.vocals = True
-        for mood in metadata.get("moods") or []:
-            (f.themes if mood in MTG_THEMES else f.moods).append(MTG_MOOD_WORDS.get(mood, mood))
-    elif dataset == "magnatagatune":
-        _magnatagatune_facts(f, metadata.get("tags") or [])
+    adapter = find_adapter(dataset)
+    if adapter is not None and adapter.template_words is not None:
+        f = replace(f, **adapter.template_words(metadata))
     else:
         genre = metadata.get("genre") or metadata.get("genres")
-        f.genres = _unique(genre if isinstance(genre, list) else [genre])
-        f.instruments = _unique(metadata.get("instruments") or [])
-        f.instruments_complete = bool(f.instruments) and dataset in ("musicnet", "demo")
-        f.moods = _unique(metadata.get("moods") or metadata.get("mood") or [])
-        f.tags = _unique(metadata.get("tags") or [])[:8] if isinstance(metadata.get("tags"), list) else []
+        f.genres = unique_words(genre if isinstance(genre, list) else [genre])
+        f.instruments = unique_words(metadata.get("instruments") or [])
+        f.instruments_complete = bool(f.instruments) and adapter is not None and adapter.lists_every_instrument
+        f.moods = unique_words(metadata.get("moods") or metadata.get("mood") or [])
+        f.tags = unique_words(metadata.get("tags") or [])[:8] if isinstance(metadata.get("tags"), list) else []
         if isinstance(metadata.get("ensemble"), str):
             f.ensemble = metadata["ensemble"]
         if isinstance(metadata.get("notes"), dict):
             _note_facts(f, metadata["notes"])
-    f.genres = _unique(tidy_label(g) for g in f.genres)
-    f.instruments = _unique(tidy_label(i) for i in f.instruments if "voice" not in str(i).lower())
-    f.moods, f.themes, f.tags = (_unique(tidy_label(x) for x in xs) for xs in (f.moods, f.themes, f.tags))
+    f.genres = unique_words(tidy_label(g) for g in f.genres)
+    f.instruments = unique_words(tidy_label(i) for i in f.instruments if "voice" not in str(i).lower())
+    f.moods, f.themes, f.tags = (unique_words(tidy_label(x) for x in xs) for xs in (f.moods, f.themes, f.tags))
     return f
-
-
-def _magnatagatune_facts(f: Facts, tags: list[str]) -> None:
-    tags = [t.lower() for t in tags]
-    f.genres = [MAGNA_GENRES[t] for t in tags if t in MAGNA_GENRES]
-    f.instruments = [MAGNA_INSTRUMENTS[t] for t in tags if t in MAGNA_INSTRUMENTS and t != "choir"]
-    f.moods = [MAGNA_MOODS[t] for t in tags if t in MAGNA_MOODS]
-    if any(t in NO_VOCAL_TAGS for t in tags):
-        f.vocals = False
-    elif any(t in VOCAL_TAGS for t in tags):
-        f.vocals = True
-        female, male = any(t in FEMALE_VOICE for t in tags), any(t in MALE_VOICE for t in tags)
-        f.voice = "female" if female and not male else "male" if male and not female else None
-    f.tags = [t for t in tags if not t.startswith(("no ", "not ")) and t not in ("lol", "silence")][:8]
 
 
 def _note_facts(f: Facts, notes: dict[str, list[dict]]) -> None:
@@ -241,15 +139,6 @@ def tidy_label(label: Any) -> str:
     return " ".join(w if w.isupper() and sum(c.isalpha() for c in w) >= 2 else w.lower() for w in words)
 
 
-def _unique(items) -> list[str]:
-    seen, out = set(), []
-    for item in items:
-        if isinstance(item, str) and item.strip() and item.strip().lower() not in seen:
-            seen.add(item.strip().lower())
-            out.append(item.strip())
-    return out
-
-
 def _positive(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
@@ -289,7 +178,7 @@ def _chords(chords: Any) -> tuple[list[str], float | None]:
             spans[-1][1] = chord.get("end")
     lengths = [e - s for s, e in spans if isinstance(s, (int, float)) and isinstance(e, (int, float)) and e > s]
     per_chord = sum(lengths) / len(lengths) if len(lengths) >= 2 else None
-    return _unique(names), per_chord
+    return unique_words(names), per_chord
 
 
 def midi_number(pitch: Any) -> int | None:

@@ -30,7 +30,7 @@ from pipeline.instructions.wording import (NUMBER_WORDS, ROLE_PHRASES, capitalis
                                            mode_colour, pace_words, relative_key, with_article)
 from pipeline.runner import ItemError
 
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"  # 2: a dataset's beats per bar (its labels) set the metre
 
 
 REASONING_PAIRS = 4
