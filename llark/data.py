@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from llark.errors import LlarkConfigError, LlarkError
-from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter, build_messages
+from llark.model.chat import IGNORE_INDEX, ChatFormatError, ChatFormatter
 from llark.model.llark import pool_frames
 from pipeline.contracts import INDEX_JSON
 from pipeline.shard_reader import iter_samples
@@ -267,7 +267,7 @@ class ExampleEncoder:
         audio = pool_frames(decode_audio(sample, self.encoder_dim), self.frame_pool)
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
         while True:
-            messages = build_messages(pairs, self.system_prompt, self.formatter.audio_token)
+            messages = self.formatter.conversation(pairs, self.system_prompt)
             try:
                 encoded = self.formatter.encode(messages, audio.shape[0])
             except ChatFormatError as exc:

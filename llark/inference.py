@@ -100,13 +100,7 @@ class Llark:
         return np.dtype(name if name in ("float16", "float32") else "float32")
 
     def prompt_ids(self, question: str, n_frames: int) -> list[int]:
-        from llark.model.chat import audio_user_content
-
-        messages = []
-        if self.config.system_prompt:
-            messages.append({"role": "system", "content": self.config.system_prompt.strip()})
-        messages.append({"role": "user", "content": audio_user_content(question, self.config.audio_token)})
-        return self.formatter.encode_prompt(messages, n_frames)
+        return self.formatter.encode_prompt(self.formatter.prompt(question, self.config.system_prompt), n_frames)
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -126,8 +127,10 @@ def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_
 def test_a_run_that_will_not_fit_the_gpu_is_warned_before_any_weight_loads(tmp_path, shards, single_process_env):
     from llark.model.memory import GB
 
-    lm_dir = tmp_path / "llama-2-7b"  # config.json only: nothing is loaded to estimate
+    lm_dir = tmp_path / "llama-2-7b"  # config.json and a tokenizer: no weight is loaded to estimate
     lm_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_lm_dir() / name, lm_dir / name)
     (lm_dir / "config.json").write_text(json.dumps({
         "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 11008,
         "num_hidden_layers": 32, "vocab_size": 32000, "tie_word_embeddings": False}))
@@ -375,7 +378,6 @@ def test_qlora_trains_resumes_exactly_and_exports_full_precision_weights(tmp_pat
     """model.quantization 4bit + LoRA (bitsandbytes runs NF4 on CPU too). Checkpoints hold the trained weights
     only; a resume continues the loss curve exactly (LoRA dropout included); the export is the base LM read
     again in full precision with the adapters merged, loadable without bitsandbytes."""
-    import shutil
 
     import torch
     from safetensors.torch import load_file

@@ -20,9 +20,17 @@ same ids as tokenizing ``n_frames`` copies, since a special token is matched on 
 without rendering and tokenizing hundreds of copies); the model replaces their input embeddings
 with the projected encoder frames.
 
+The template's traits (:mod:`llark.model.chat_template`) are read when a formatter is made: a
+template without a system role gets the system prompt at the top of the first user turn, and the
+end-of-turn token is the one the template writes after an answer, unless one is configured.
+
 Errors, never warnings: a conversation with no supervised token, a template whose rendering of a
 shorter conversation is not a prefix of the longer one, a double BOS, a turn whose end token is
-missing, or message text that holds a special token's string.
+missing, message text that holds a special token's string, a template that raises, and a prompt
+that tokenizes differently on its own (as inference feeds it) than inside the training text (a
+byte-level BPE can merge the generation prompt's last characters with the answer's first).
+:meth:`ChatFormatter.check` renders a whole conversation at start, so that a template that cannot
+work fails the run before any weight loads, naming the template.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from llark.errors import LlarkError
+from llark.model.chat_template import TemplateRenderError, inspect_template, render_template
 
 AUDIO_TOKEN = "<|audio|>"
 IGNORE_INDEX = -100
@@ -77,8 +86,9 @@ def build_messages(
 class ChatFormatter:
     """Render messages with the tokenizer's own template and label the assistant tokens.
 
-    ``end_of_turn`` is the token that closes an assistant turn in the template; it defaults to the
-    tokenizer's EOS (right for Llama 2 and for SmolLM2's ChatML, whose EOS is ``<|im_end|>``).
+    ``end_of_turn`` is the token that closes an assistant turn in the template; by default the first
+    special token the template writes after an answer (Llama 3: ``<|eot_id|>``; Gemma:
+    ``<end_of_turn>``), else the tokenizer's EOS.
     """
 
     def __init__(self, tokenizer, end_of_turn: str | None = None, audio_token: str = AUDIO_TOKEN):
@@ -90,7 +100,14 @@ class ChatFormatter:
         if not getattr(tokenizer, "is_fast", False):
             raise ChatFormatError("loss masking needs a fast tokenizer (character offsets); load it with use_fast=True")
         self.tokenizer = tokenizer
-        self.end_of_turn = end_of_turn or tokenizer.eos_token
+        # Strings that must not appear in message text: they would tokenize as control tokens.
+        # Llama 3's header and turn tokens are special in tokenizer.json only, not in the special-token map.
+        special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                       if t.special}
+        self._reserved = sorted({t for t in special if t} - {audio_token}, key=len, reverse=True)
+        self._rendered: dict[tuple, str] = {}
+        self._read_template()
+        self.end_of_turn = end_of_turn or self.traits.end_of_turn or tokenizer.eos_token
         if not self.end_of_turn:
             raise ChatFormatError("the tokenizer has no EOS token; set end_of_turn to the token that ends a turn")
         self.end_of_turn_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
@@ -100,24 +117,45 @@ class ChatFormatter:
             raise ChatFormatError(f"the audio placeholder {audio_token!r} is not a token of this tokenizer; "
                                   "load the tokenizer with llark.model.load_tokenizer")
         self.bos_id = tokenizer.bos_token_id
-        # Strings that must not appear in message text: they would tokenize as control tokens.
-        self._reserved = sorted({t for t in tokenizer.all_special_tokens if t} - {audio_token}, key=len, reverse=True)
-        self._rendered: dict[tuple, str] = {}
-        self._rendered_with: str | None = tokenizer.chat_template
+
+    def _read_template(self) -> None:
+        self._rendered, self._rendered_with = {}, self.tokenizer.chat_template
+        try:
+            self.traits = inspect_template(self.tokenizer, self._reserved)
+        except TemplateRenderError as exc:
+            raise ChatFormatError(f"the chat template of {self.tokenizer.name_or_path or 'this tokenizer'} does not "
+                                  f"render a plain user/assistant exchange: {exc}") from None
+
+    @property
+    def template(self) -> str:
+        """The template, named for messages: its format and where it comes from."""
+        return self.traits.describe(self.tokenizer)
+
+    def conversation(self, pairs: Sequence[tuple[str, str]], system_prompt: str | None = None) -> list[dict[str, str]]:
+        """The training messages for ``pairs`` (the system prompt folded in where the template has no system role)."""
+        return self.traits.fold_system(build_messages(pairs, system_prompt, self.audio_token))
+
+    def prompt(self, question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+        """The messages inference sends for one question about a clip: the training conversation's first turn."""
+        messages = [{"role": "system", "content": system_prompt.strip()}] if system_prompt else []
+        messages.append({"role": "user", "content": audio_user_content(question, self.audio_token)})
+        return self.traits.fold_system(messages)
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The template's text for ``messages``. Renderings are kept, a bounded number: a dataset's
         questions repeat, and every example also renders its prompt (a prefix of the conversation)."""
         if self.tokenizer.chat_template is not self._rendered_with:
-            self._rendered, self._rendered_with = {}, self.tokenizer.chat_template
+            self._read_template()
         try:
             key = (add_generation_prompt, *(tuple(m.items()) for m in messages))
             text = self._rendered.get(key)
         except TypeError:  # unhashable content (e.g. a list of parts): rendered every time
             key, text = None, None
         if text is None:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            try:
+                text = render_template(self.tokenizer, messages, add_generation_prompt, **self.traits.render_kwargs)
+            except TemplateRenderError as exc:
+                raise ChatFormatError(f"{self.template} raised: {exc}") from None
             if key is not None:
                 if len(self._rendered) >= RENDER_CACHE_SIZE:
                     del self._rendered[next(iter(self._rendered))]
@@ -143,17 +181,19 @@ class ChatFormatter:
             if message["role"] != "assistant":
                 continue
             prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = full if i + 1 == len(messages) else self.render(messages[: i + 1])
-            if not (upto.startswith(prompt) and full.startswith(upto)):
+            if not full.startswith(prompt):
                 raise ChatFormatError(
-                    f"the chat template is not prefix-stable at message {i}: rendering a conversation's first "
-                    "turns does not give a prefix of the whole; assistant spans cannot be located exactly"
+                    f"{self.template} is not prefix-stable at message {i}: the prompt for that answer (the turns "
+                    "before it and the generation prompt) is not the start of the whole conversation's text, so "
+                    "the model would be trained on a context it is never asked in"
                 )
-            content_at = upto.find(message["content"], len(prompt))
-            if message["content"] and content_at < 0:
-                raise ChatFormatError(f"assistant message {i} does not appear in the rendered template")
-            end_at = upto.find(self.end_of_turn, content_at + len(message["content"]))
-            if end_at < 0:
+            content_at = full.find(message["content"], len(prompt)) if message["content"] else len(prompt)
+            if content_at < 0 or any(t in full[len(prompt):content_at] for t in self._reserved):
+                raise ChatFormatError(f"assistant message {i} does not follow its generation prompt in the rendered "
+                                      "template")
+            content_end = content_at + len(message["content"])
+            end_at = full.find(self.end_of_turn, content_end)
+            if end_at < 0 or any(t in full[content_end:end_at] for t in self._reserved):
                 raise ChatFormatError(f"assistant turn {i} is not closed by {self.end_of_turn!r} in the template; "
                                       "set end_of_turn to the token that closes a turn")
             spans.append((len(prompt), end_at + len(self.end_of_turn)))
@@ -186,7 +226,24 @@ class ChatFormatter:
             labels[t] = ids[t]
         encoded = EncodedChat(input_ids=ids, labels=labels, text=text, spans=spans)
         self._check(encoded)
+        self._check_prompts_are_prefixes(encoded)
         return self._expand_audio(encoded, n_frames)
+
+    def _check_prompts_are_prefixes(self, enc: EncodedChat) -> None:
+        """Each answer's prompt, tokenized on its own as inference tokenizes it, must be the start of the
+        training ids; otherwise the model is trained on one token sequence and asked with another."""
+        for turn, (start, _) in enumerate(enc.spans):
+            prompt, _ = self._tokenize(enc.text[:start])
+            if enc.input_ids[:len(prompt)] == prompt:
+                continue
+            k = next((i for i, (a, b) in enumerate(zip(prompt, enc.input_ids)) if a != b), min(len(prompt), len(enc.input_ids)))
+            lo = max(0, k - 2)
+            show = lambda ids: ",".join(repr(t) for t in self.tokenizer.convert_ids_to_tokens(ids))  # noqa: E731
+            raise ChatFormatError(
+                f"answer {turn}'s prompt tokenizes differently on its own (as inference feeds it) than inside the "
+                f"training text: training {show(enc.input_ids[lo:k + 2])}, inference {show(prompt[lo:k + 2])}; "
+                f"the tokenizer merges across the end of the generation prompt of {self.template}, so the model "
+                "would be trained on one token sequence and asked with another")
 
     def _expand_audio(self, enc: EncodedChat, n_frames: int) -> EncodedChat:
         where = [t for t, i in enumerate(enc.input_ids) if i == self.audio_token_id]
@@ -196,6 +253,26 @@ class ChatFormatter:
         return EncodedChat(
             input_ids=enc.input_ids[:t] + [self.audio_token_id] * n_frames + enc.input_ids[t + 1:],
             labels=enc.labels[:t] + [IGNORE_INDEX] * n_frames + enc.labels[t + 1:], text=enc.text, spans=enc.spans)
+
+    def check(self, system_prompt: str | None = None, multi_turn: bool = False) -> None:
+        """A dry run at start: render, tokenize and label a whole conversation as training will, and the
+        prompt as inference will; ChatFormatError naming the template and the problem."""
+        pairs = [("What is the key of this song?", "The key is C minor."),
+                 ("And its tempo?", "About 120 beats per minute.")]
+        try:
+            encoded = self.encode(self.conversation(pairs[:1], system_prompt), n_frames=2)
+            prompt = self.encode_prompt(self.prompt(pairs[0][0], system_prompt), n_frames=2)
+        except ChatFormatError as exc:
+            raise ChatFormatError(f"the chat template check failed: {exc}") from None
+        if multi_turn:
+            try:
+                self.encode(self.conversation(pairs, system_prompt), n_frames=2)
+            except ChatFormatError as exc:
+                raise ChatFormatError(f"multi-turn conversations cannot be trained with this template (data."
+                                      f"conversation: pair, one question per example, can): {exc}") from None
+        if encoded.input_ids[:len(prompt)] != prompt:
+            raise ChatFormatError(f"{self.template}: the prompt inference builds is not the start of the training "
+                                  "conversation (the system prompt or the audio turn differ)")
 
     def encode_prompt(self, messages: list[dict[str, Any]], n_frames: int = 1) -> list[int]:
         """Token ids of a conversation ending with a user turn, ready for generation."""

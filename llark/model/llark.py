@@ -165,6 +165,9 @@ class LlarkModel(nn.Module):
 # Loading the parts
 
 
+VOCAB_MULTIPLE = 64
+
+
 def load_tokenizer(path: str | os.PathLike, audio_token: str = AUDIO_TOKEN):
     """The model's own fast tokenizer, with the audio placeholder added and a pad token that is not EOS.
 
@@ -174,6 +177,9 @@ def load_tokenizer(path: str | os.PathLike, audio_token: str = AUDIO_TOKEN):
     """
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelConfigError(f"{path} has no tokenizer (tokenizer.json, tokenizer_config.json): copy the chat "
+                               "model's own tokenizer files beside its config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
     if audio_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"extra_special_tokens": [audio_token]}, replace_extra_special_tokens=False)
@@ -241,7 +247,15 @@ def load_language_model(
         # The quantized weights are made on the device they load to: this rank's GPU, or the CPU.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except ValueError as exc:
+        # Some architectures (Gemma 2's soft-capped attention) have no SDPA kernel in transformers.
+        if kwargs.get("attn_implementation") != "sdpa" or "does not support an attention implementation" not in str(exc):
+            raise
+        log.info("%s: no SDPA attention for this architecture, using eager attention", path)
+        kwargs["attn_implementation"] = "eager"
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
@@ -274,7 +288,8 @@ def build_llark(
     tokenizer = load_tokenizer(path, config.audio_token)
     lm = load_language_model(path, dtype, quantization, attn_implementation)
     if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(len(tokenizer))
+        # A multiple of 64 keeps the embedding and output matrices on the GPU's fast tile sizes.
+        lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
     hidden = lm.get_input_embeddings().embedding_dim
     projector = nn.Linear(config.encoder_dim, hidden, dtype=DTYPES[dtype], device=lm.get_input_embeddings().weight.device)
     if projector_state is not None:
@@ -356,7 +371,7 @@ class LoraSettings:
     r: int = 64
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    target_modules: list[str] | str = field(default_factory=lambda: list(LORA_TARGETS))  # or "all-linear"
 
 
 def enable_checkpointing(lm: nn.Module) -> None:
@@ -365,6 +380,20 @@ def enable_checkpointing(lm: nn.Module) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def lora_targets(lm: nn.Module, names: list[str] | str) -> list[str] | str:
+    """``names`` checked against ``lm``'s linear layers: each must name one (Phi-3 fuses q/k/v into
+    ``qkv_proj`` and gate/up into ``gate_up_proj``); ``"all-linear"`` is every linear layer but the output."""
+    if names == "all-linear":
+        return names
+    output = lm.get_output_embeddings()
+    present = sorted({n.rsplit(".", 1)[-1] for n, m in lm.named_modules() if isinstance(m, nn.Linear) and m is not output})
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ModelConfigError(f"model.lora.target_modules: {missing} are not linear layers of {type(lm).__name__}; "
+                               f"it has {present} (or use 'all-linear')")
+    return list(names)
 
 
 def configure_training(model: LlarkModel, mode: str, lora: LoraSettings | None = None,
@@ -382,10 +411,11 @@ def configure_training(model: LlarkModel, mode: str, lora: LoraSettings | None =
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         lora = lora or LoraSettings()
+        targets = lora_targets(model.lm, lora.target_modules)
         if quantized:
             model.lm = prepare_model_for_kbit_training(model.lm, use_gradient_checkpointing=False)
         model.lm = get_peft_model(model.lm, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
             task_type="CAUSAL_LM", bias="none"))
     else:
         for p in model.lm.parameters():

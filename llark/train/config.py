@@ -25,7 +25,9 @@ class LoraSection(_Section):
     r: int = Field(64, ge=1)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="the LM's linear layers that get adapters (names as in its modeling code), or 'all-linear'")
 
 
 class ModelSection(_Section):

@@ -55,6 +55,7 @@ class TrainRecipe:
         if cfg.model.dtype == "bfloat16" and not torch.cuda.is_available():
             log.warning("bf16 on CPU is slow; the CPU demo config uses model.dtype: float32")
         self._check_data()
+        self._check_chat_template()
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.writer = None
@@ -101,6 +102,35 @@ class TrainRecipe:
             check_encoder(self.shards.manifest, trained.encoder_dim, trained.encoder)
         elif cfg.model.encoder_dim:
             check_encoder(self.shards.manifest, cfg.model.encoder_dim)
+
+    def _check_chat_template(self) -> None:
+        """A whole conversation rendered, tokenized and labelled with the LM's own tokenizer and chat
+        template, as training and inference will: a template that cannot work is refused here, by name."""
+        from llark.model import AUDIO_TOKEN, ChatFormatError, ChatFormatter, LlarkConfig, load_tokenizer
+        from llark.model.llark import check_model_dir, resolve_lm_path
+
+        m = self.cfg.model
+        if m.init_from:
+            lm_dir = Path(m.init_from)
+            trained = LlarkConfig.from_file(lm_dir / "llark_config.json")
+            for name in ("system_prompt", "end_of_turn"):
+                ours, theirs = getattr(m, name), getattr(trained, name)
+                if ours is not None and ours != theirs:
+                    raise TrainConfigError(f"model.{name} ({ours!r}) differs from model.init_from's ({theirs!r}); "
+                                           "the exported model answers with its own: leave it unset to continue")
+            system_prompt, end_of_turn, audio_token = trained.system_prompt, trained.end_of_turn, trained.audio_token
+        else:
+            lm_dir = resolve_lm_path(m.lm_path)
+            system_prompt, end_of_turn, audio_token = m.system_prompt, m.end_of_turn, AUDIO_TOKEN
+        check_model_dir(lm_dir)
+        try:
+            formatter = ChatFormatter(load_tokenizer(lm_dir, audio_token), end_of_turn, audio_token)
+            formatter.check(system_prompt, multi_turn=self.cfg.data.conversation == "multi_turn")
+        except ChatFormatError as exc:
+            raise TrainConfigError(f"model.lm_path: {exc}") from None
+        folded = " (it has no system role: the system prompt opens the first user turn)" if (
+            system_prompt and not formatter.traits.system_role) else ""
+        self._print(f"train: {formatter.template}; turns end with {formatter.end_of_turn!r}{folded}")
 
     # -- setup --------------------------------------------------------------------------------
 
