@@ -64,6 +64,10 @@ class BadSample(LlarkError, ValueError):
     """One sample that cannot become a training example (named by its key)."""
 
 
+class SampleTooLong(BadSample):
+    """A sample whose shortest conversation (one pair) is longer than ``data.max_seq_len``."""
+
+
 # ---------------------------------------------------------------------------------------------
 # The shard format (the one place that knows the shards stage's sample layout)
 
@@ -266,6 +270,7 @@ class ExampleEncoder:
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
         audio = pool_frames(decode_audio(sample, self.encoder_dim), self.frame_pool)
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
+        asked = len(pairs)
         while True:
             messages = self.formatter.conversation(pairs, self.system_prompt)
             try:
@@ -275,10 +280,11 @@ class ExampleEncoder:
             if len(encoded.input_ids) <= self.max_seq_len:
                 break
             if len(pairs) == 1:
-                raise BadSample(f"sample {sample.key}: {len(encoded.input_ids)} tokens ({audio.shape[0]} audio frames) "
-                                f"> data.max_seq_len {self.max_seq_len}")
-            pairs = pairs[:-1]
-        return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio}
+                raise SampleTooLong(f"sample {sample.key}: {len(encoded.input_ids)} tokens ({audio.shape[0]} audio "
+                                    f"frames) > data.max_seq_len {self.max_seq_len}")
+            pairs = pairs[:-1]  # a multi-turn conversation loses its last turns until it fits
+        return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio,
+                "dropped_turns": asked - len(pairs)}
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
@@ -307,6 +313,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
         "labels": torch.from_numpy(labels), "audio": torch.from_numpy(audio),
         "audio_frames": torch.from_numpy(audio_frames), "keys": [e["key"] for e in examples],
         "tokens": sum(lengths), "supervised": int(np.count_nonzero(labels != IGNORE_INDEX)),
+        "dropped_turns": sum(e.get("dropped_turns", 0) for e in examples),
     }
 
 
@@ -354,6 +361,7 @@ class StreamSettings:
     buffer_size: int = 256
     conversation: str = "pair"
     on_bad_sample: str = "error"  # or "skip": counted and logged
+    on_too_long: str = "skip"  # or "error"; a sample longer than max_seq_len is counted apart
     pad_to_multiple_of: int = 1
     questions: str | None = None  # a regular expression: only Q/A pairs whose question matches
     epochs: int | None = None  # None: endless
@@ -379,6 +387,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 "least one shard. Use fewer data.num_workers, or write smaller shards (llark shards --shard-samples)"
             )
         self.urls, self.encode, self.s = list(urls), encode, s
+        self._told_too_long = False
         self.questions = compile_question_filter(s.questions)
 
     def _units(self, epoch: int, group: int, shard_ids: list[int], worker: int) -> Iterator[tuple[ShardSample, int | None]]:
@@ -425,7 +434,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers = max(1, s.num_workers)
         g, G = s.rank * workers + worker, s.world_size * workers
         pos = Position(**s.start.get(worker, {}))
-        batch, skipped = [], 0
+        batch, skipped, too_long = [], 0, 0
         while s.epochs is None or pos.epoch < s.epochs:
             shard_ids = worker_shards(len(self.urls), pos.epoch, s.seed, g, G)
             groups = [shard_ids[i:i + s.group_shards] for i in range(0, len(shard_ids), s.group_shards)]
@@ -436,6 +445,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     pos.offset = n + 1
                     try:
                         batch.append(self.encode(sample, pair))
+                    except SampleTooLong as exc:
+                        if s.on_too_long == "error":
+                            raise
+                        if not self._told_too_long:
+                            log.warning("skipping samples longer than data.max_seq_len (data.on_too_long=skip; the "
+                                        "count is in the metrics as too_long_samples), the first: %s", exc)
+                            self._told_too_long = True
+                        too_long += 1
+                        continue
                     except BadSample as exc:
                         if s.on_bad_sample == "error":
                             raise
@@ -444,14 +462,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     if len(batch) == s.micro_batch:
                         out = collate(batch, s.pad_id, s.pad_to_multiple_of)
-                        out.update(worker=worker, position=pos.to_dict(), skipped=skipped)
+                        out.update(worker=worker, position=pos.to_dict(), skipped=skipped, too_long=too_long)
                         yield out
-                        batch, skipped = [], 0
+                        batch, skipped, too_long = [], 0, 0
                 pos = Position(pos.epoch, pos.group + 1, 0)
             pos = Position(pos.epoch + 1, 0, 0)
         if batch:
             out = collate(batch, s.pad_id, s.pad_to_multiple_of)
-            out.update(worker=worker, position=pos.to_dict(), skipped=skipped)
+            out.update(worker=worker, position=pos.to_dict(), skipped=skipped, too_long=too_long)
             yield out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

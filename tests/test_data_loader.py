@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fixtures_train import encoder_manifest, smollm2_tokenizer_or_skip, tiny_lm_dir, write_shards  # noqa: E402
 
 from llark.data import (  # noqa: E402
-    BadSample, DataConfigError, ExampleEncoder, LoaderState, ShardStream, StreamSettings, check_encoder,
+    BadSample, DataConfigError, ExampleEncoder, LoaderState, SampleTooLong, ShardStream, StreamSettings, check_encoder,
     make_loader, open_shards, worker_shards,
 )
 from llark.model import IGNORE_INDEX, ChatFormatter, load_tokenizer  # noqa: E402
@@ -143,12 +143,32 @@ def test_too_few_shards_for_the_workers(tokenizer, shards):
         make_stream(tokenizer, shard_dir, world_size=4, num_workers=4)
 
 
-def test_too_long_sample_is_an_error_or_skipped(tokenizer, shards):
+def test_too_long_samples_are_skipped_and_counted_or_an_error(tokenizer, shards):
     shard_dir, samples = shards
-    with pytest.raises(BadSample, match="max_seq_len 20"):
-        list(make_stream(tokenizer, shard_dir, max_seq_len=20, epochs=1).worker_stream(0))
-    skipped = list(make_stream(tokenizer, shard_dir, max_seq_len=20, epochs=1, on_bad_sample="skip").worker_stream(0))
-    assert skipped == []
+    with pytest.raises(SampleTooLong, match="max_seq_len 20"):
+        list(make_stream(tokenizer, shard_dir, max_seq_len=20, epochs=1, on_too_long="error").worker_stream(0))
+    assert list(make_stream(tokenizer, shard_dir, max_seq_len=20, epochs=1).worker_stream(0)) == []
+    # A limit about half the pairs fit: the others are counted, not lost silently, and the run goes on.
+    every = list(make_stream(tokenizer, shard_dir, epochs=1).worker_stream(0))
+    lengths = sorted(int(n) for b in every for n in b["attention_mask"].sum(dim=1))
+    limit = lengths[len(lengths) // 2]
+    kept = list(make_stream(tokenizer, shard_dir, max_seq_len=limit, epochs=1).worker_stream(0))
+    n_kept, n_too_long = sum(len(b["keys"]) for b in kept), sum(b["too_long"] for b in kept)
+    assert n_kept + n_too_long == len(lengths) and n_too_long == sum(n > limit for n in lengths) > 0
+
+
+def test_multi_turn_counts_the_turns_it_drops_to_fit(tokenizer, shards):
+    shard_dir, samples = shards
+    whole = list(make_stream(tokenizer, shard_dir, epochs=1, conversation="multi_turn").worker_stream(0))
+    assert sum(b["dropped_turns"] for b in whole) == 0
+    cut = list(make_stream(tokenizer, shard_dir, max_seq_len=70, epochs=1, conversation="multi_turn").worker_stream(0))
+    answers = lambda batches: sum(int((b["labels"] == tokenizer.eos_token_id).sum()) for b in batches)  # noqa: E731
+    dropped = sum(b["dropped_turns"] for b in cut)
+    too_long = sum(b["too_long"] for b in cut)
+    kept_keys = {k for b in cut for k in b["keys"]}
+    turns_of_kept = sum(len(samples[k]["pairs"]) for k in kept_keys)
+    assert dropped > 0 and answers(cut) == turns_of_kept - dropped, (dropped, too_long)
+    assert answers(whole) == sum(len(s["pairs"]) for s in samples.values())
 
 
 def test_encoder_dimension_mismatch_is_refused(shards):

@@ -117,6 +117,72 @@ def test_warmup_then_cosine():
     assert lr_multiplier(100_000, 3000, 100_000, min_ratio=0.1) == pytest.approx(0.1)
 
 
+def test_resume_refuses_another_schedule_length_unless_asked_and_another_worker_count(tmp_path):
+    from llark.train.checkpoint import read_trainer_state, save_trainer_state
+
+    config = lambda **changes: load_config(None, {"data.shards": ["shards"], **changes})  # noqa: E731
+    checkpoint = tmp_path / "step_00050000"
+    checkpoint.mkdir()
+    save_trainer_state(checkpoint, 50_000, 1, config())
+    with pytest.raises(TrainConfigError, match=r"max_steps=100000, this run says 200000: at step 50000 the "
+                                               r"learning-rate multiplier would jump from 0.52 to 0.87.*"
+                                               r"optim.extend_schedule=true"):
+        read_trainer_state(checkpoint, 1, config(**{"optim.max_steps": 200_000}))
+    read_trainer_state(checkpoint, 1, config(**{"optim.max_steps": 200_000, "optim.extend_schedule": True}))
+    with pytest.raises(TrainConfigError, match=r"data.num_workers"):
+        read_trainer_state(checkpoint, 1, config(**{"data.num_workers": 4}))
+    read_trainer_state(checkpoint, 1, config(log_every=5, save_every=50))
+
+
+def test_continuing_an_exported_model_in_4bit_keeps_its_weights_and_settings(tmp_path, shards, single_process_env):
+    """model.init_from with QLoRA: the exported LM is loaded quantized, and the export merges the adapters into
+    the exported LM read again in full precision (not into model.lm_path's); a different system prompt than
+    the exported model's is refused."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from llark.model import LlarkConfig, build_llark, export_pretrained
+    from llark.model.llark import merge_adapters_into_full_precision, projector_state
+
+    manifest = json.loads((shards / "encoder.json").read_text())
+    identity = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
+    model, tok = build_llark(LlarkConfig(lm_path=str(tiny_lm_dir()), encoder_dim=DIM, encoder=identity,
+                                         system_prompt="You are a music assistant."), dtype="float32")
+    with torch.no_grad():
+        model.lm.model.layers[0].mlp.down_proj.weight.add_(0.5)  # what an earlier stage trained
+    stage1 = export_pretrained(tmp_path / "stage1", model.lm, tok, model.config, projector_state(model))
+    settings = {"data.shards": [str(shards)], "model.init_from": str(stage1), "model.mode": "lora",
+                "model.quantization": "4bit", "model.dtype": "float32", "model.attn_implementation": "eager",
+                "model.lora.r": 4, "global_batch": 1, "micro_batch": 1, "output_dir": str(tmp_path / "run")}
+    recipe = TrainRecipe(load_config(None, settings))
+    assert recipe.base_lm_dir == stage1
+    recipe._setup_model(new_projector=False)
+    assert isinstance(recipe.model.lm.base_model.model.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    merged = merge_adapters_into_full_precision(recipe.model.lm, recipe.base_lm_dir, "float32")
+    torch.testing.assert_close(merged.model.layers[0].mlp.down_proj.weight, model.lm.model.layers[0].mlp.down_proj.weight)
+    with pytest.raises(TrainConfigError, match="model.system_prompt .* differs from model.init_from's"):
+        TrainRecipe(load_config(None, {**settings, "model.system_prompt": "Answer in French."}))
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+    from llark.model import LlarkConfig, build_llark, configure_training
+    from llark.train import OptimSection
+    from llark.train.optimizer import parameter_groups
+
+    model, _ = build_llark(LlarkConfig(lm_path=str(tiny_lm_dir()), encoder_dim=DIM), dtype="float32",
+                           attn_implementation="eager")
+    configure_training(model, "full", gradient_checkpointing=False)
+    plain = parameter_groups(model, OptimSection(projector_lr=1e-3))
+    assert [(len(g["params"]), g["lr"]) for g in plain] == [(2, 1e-3), (len(list(model.lm.parameters())), 5e-5)]
+    groups = parameter_groups(model, OptimSection(weight_decay=0.1, projector_lr=1e-3))
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    assert len(decay) == sum(1 for p in model.parameters() if p.requires_grad)
+    for name, p in model.named_parameters():
+        expected = 0.0 if p.ndim < 2 or "embed_tokens" in name else 0.1
+        assert decay[id(p)] == expected, name
+    assert {g["lr"] for g in groups if any(p is model.projector.weight for p in g["params"])} == {1e-3}
+
+
 def test_encoder_mismatch_refused_before_any_model_loads(shards, single_process_env):
     cfg = load_config(None, {"data.shards": [str(shards)], "model.encoder_dim": 4800, "model.lm_path": "/nonexistent",
                              "global_batch": 1, "micro_batch": 1})
@@ -458,6 +524,11 @@ def test_memory_plan():
     assert offload.parts["buffers"] == pytest.approx(2 * 5e8)
     with pytest.raises(ValueError, match="ZeRO-3"):
         plan_memory(shape, zero_stage=2, offload_params=True)
+    # The loss's logits exist at the supervised positions only: with Qwen's 152k vocabulary at 4 x 2048 tokens,
+    # all positions would take 10 x 4 x 2048 x 152064 bytes (11.6 GB); 128 answer tokens take 16 times less.
+    qwen = MODELS["qwen2.5-7b"]
+    assert plan_memory(qwen, micro_batch=4, seq_len=2048).parts["logits"] == pytest.approx(10 * 4 * 128 * 152_064)
+    assert plan_memory(qwen, micro_batch=4, seq_len=64).parts["logits"] == pytest.approx(10 * 4 * 64 * 152_064)
 
 
 def test_model_shape_from_a_hugging_face_config():

@@ -53,7 +53,7 @@ def text_only(e: dict, audio_id: int) -> dict:
 
 def batch(examples: list[dict], pad_id: int, index: int) -> dict:
     out = collate(examples, pad_id, 8)
-    out.update(worker=0, position={"epoch": 0, "group": 0, "offset": index + 1}, skipped=0)
+    out.update(worker=0, position={"epoch": 0, "group": 0, "offset": index + 1}, skipped=0, too_long=0)
     return out
 
 

@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="ZeRO stage")
     p.add_argument("--micro-batch", type=int, default=4, help="micro-batch per GPU")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length in tokens (a 25 s clip is 250 of them)")
+    p.add_argument("--supervised-tokens", type=int, default=128,
+                   help="answer tokens per sequence: the loss's logits are computed there only")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel)")
     p.add_argument("--mode", choices=["full", "projector", "lora"], default="full", help="what is trained")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (--mode lora)")
@@ -64,7 +66,8 @@ def run(args) -> int:
             zero = deepspeed_settings(args.deepspeed)
         plan = plan_memory(MODELS[args.model], micro_batch=args.micro_batch, seq_len=args.seq_len, gpus=args.gpus,
                            mode=args.mode, lora_rank=args.lora_rank, encoder_dim=args.encoder_dim,
-                           quantization=args.quantization, gradient_checkpointing=args.checkpointing, **zero)
+                           quantization=args.quantization, gradient_checkpointing=args.checkpointing,
+                           supervised_tokens=args.supervised_tokens, **zero)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"llark plan: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -502,15 +502,17 @@ def merge_adapters_into_full_precision(peft_lm: nn.Module, lm_path: str | os.Pat
     return merged.merge_and_unload()
 
 
-def load_pretrained(path: str | os.PathLike, dtype: str = "bfloat16", attn_implementation: str | None = "sdpa"):
-    """``(model, tokenizer, config)`` from a directory written by :func:`export_pretrained`."""
+def load_pretrained(path: str | os.PathLike, dtype: str = "bfloat16", attn_implementation: str | None = "sdpa",
+                    quantization: str | None = None):
+    """``(model, tokenizer, config)`` from a directory written by :func:`export_pretrained`; ``quantization``
+    loads its LM in 4 or 8 bits (QLoRA on top of an exported model)."""
     path = Path(path)
     for name in (LLARK_CONFIG, PROJECTOR_FILE, "config.json"):
         if not (path / name).is_file():
             raise ModelConfigError(f"{path} is not an exported LLark model: {name} is missing")
     config = LlarkConfig.from_file(path / LLARK_CONFIG)
     model, tokenizer = build_llark(
-        LlarkConfig(**{**asdict(config), "lm_path": str(path)}), dtype=dtype,
+        LlarkConfig(**{**asdict(config), "lm_path": str(path)}), dtype=dtype, quantization=quantization,
         attn_implementation=attn_implementation, projector_state=read_projector(path / PROJECTOR_FILE))
     model.config = config
     return model, tokenizer, config

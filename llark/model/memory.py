@@ -15,15 +15,18 @@ buffers        4T / N: the fp32 gradient partition the optimizer step reads (hos
                weights and prefetches the next: 2 · (largest module + stage3_prefetch_bucket_size)
 activations    per layer 34·b·s·h (SDPA attention, no s² term; Korthikanti et al. 2022), all
                layers without checkpointing; with it, each layer's input (2·b·s·h) plus one layer
-logits         b·s·V · 10 (bf16 logits, their fp32 copy for the loss and its gradient)
+logits         b·a·V · 10: bf16 logits, their fp32 copy for the loss and its gradient, at the a
+               positions per sequence that predict a supervised (answer) token only
 overhead       1.5 GB (CUDA context, allocator) + 10 % of the rest
 =============  =========================  ===================================================
 
 The optimizer is torch's fused AdamW, as ``llark train`` configures it (the foreach one takes a
 further 4T / N at each step). ``benchmarks/plan_memory.py`` sets these terms beside the memory two
 DeepSpeed processes really take on CPU. Estimates, not measurements: allow a margin of 10-20 % and
-check with a short run. The logits term is an upper bound: training runs the output layer only at
-the positions that predict a supervised (answer) token, fewer than b·s.
+check with a short run. Training runs the output layer only where a token is supervised: with 250
+audio frames and a 20-token answer that is about 20 of 300 positions, so ``a`` (``supervised_tokens``,
+128 by default: a long answer, or a few turns) rather than ``s`` sizes the term that, at Llama 3's and
+Qwen's 128k-152k vocabularies, would otherwise be the largest.
 """
 
 from __future__ import annotations
@@ -49,9 +52,16 @@ class ModelShape:
         return self.layers * (8 * self.hidden + 3 * (self.hidden + self.ffn))
 
 
+# Shapes from each model's published config.json (parameters as shape_from_hf_config counts them).
 MODELS = {
     "llama2-7b": ModelShape(6.74e9, 4096, 32, 32_000, 11_008),
     "llama2-13b": ModelShape(13.0e9, 5120, 40, 32_000, 13_824),
+    "llama3-8b": ModelShape(8.03e9, 4096, 32, 128_256, 14_336),
+    "qwen2.5-7b": ModelShape(7.62e9, 3584, 28, 152_064, 18_944),
+    "qwen3-8b": ModelShape(8.19e9, 4096, 36, 151_936, 12_288),
+    "gemma2-9b": ModelShape(9.24e9, 3584, 42, 256_000, 14_336),
+    "mistral-7b": ModelShape(7.25e9, 4096, 32, 32_768, 14_336),
+    "phi3-mini": ModelShape(3.82e9, 3072, 32, 32_064, 8_192),
     "smollm2-135m": ModelShape(1.35e8, 576, 30, 49_152, 1_536),
 }
 
@@ -71,7 +81,7 @@ def plan_memory(shape: ModelShape, zero_stage: int = 2, micro_batch: int = 4, se
                 mode: str = "full", lora_rank: int = 64, encoder_dim: int = 4800, quantization: str | None = None,
                 gradient_checkpointing: bool = True, offload_optimizer: bool = False,
                 offload_params: bool = False, reduce_bucket_size: float = 5e8, overlap_comm: bool = False,
-                prefetch_bucket_size: float = 5e7) -> Plan:
+                prefetch_bucket_size: float = 5e7, supervised_tokens: int = 128) -> Plan:
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage must be 0-3, got {zero_stage}")
     if mode not in ("full", "projector", "lora"):
@@ -103,7 +113,7 @@ def plan_memory(shape: ModelShape, zero_stage: int = 2, micro_batch: int = 4, se
     b, s, h = micro_batch, seq_len, shape.hidden
     layer = 34 * b * s * h
     activations = (shape.layers * 2 * b * s * h + layer) if gradient_checkpointing else shape.layers * layer
-    logits = 10 * b * s * shape.vocab
+    logits = 10 * b * min(s, supervised_tokens) * shape.vocab
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "buffers": buffers,
              "activations": activations, "logits": logits}
     parts["overhead"] = 1.5 * GB + 0.1 * sum(parts.values())

@@ -29,7 +29,8 @@ from llark.train.config import (
     DataSection, LoraSection, ModelSection, OptimSection, TrainConfig, TrainConfigError, load_config,
 )
 from llark.train.distributed import REPO_ROOT, check_shared_directory, deepspeed_config, distributed_env
-from llark.train.recipe import METRICS, TrainRecipe, lr_multiplier, main
+from llark.train.recipe import METRICS, TrainRecipe, main
+from llark.train.optimizer import lr_multiplier
 
 __all__ = [
     "CHECKPOINTS", "METRICS", "REPO_ROOT", "RESUMABLE_CHANGES", "TRAINER_STATE", "DataSection", "LoraSection",

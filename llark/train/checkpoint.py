@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from llark.train.config import TrainConfig, TrainConfigError
+from llark.train.optimizer import lr_multiplier
 from pipeline.files import check_same_settings, write_json
 
 if TYPE_CHECKING:
@@ -21,9 +22,10 @@ if TYPE_CHECKING:
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is incomplete
-# Settings that may change when resuming (the rest must match the checkpoint's).
-RESUMABLE_CHANGES = {"optim.max_steps", "save_every", "keep_checkpoints", "log_every", "tensorboard",
-                     "wandb_project", "export", "resume", "output_dir", "deepspeed", "data.num_workers",
+# Settings that may change when resuming (the rest must match the checkpoint's). data.num_workers may not:
+# each loader worker's position is saved, and another count would replay or skip samples.
+RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb_project", "export",
+                     "resume", "output_dir", "deepspeed", "optim.extend_schedule",
                      "model.projector_init", "model.projector_init_samples"}  # the last two: a new run only
 
 
@@ -111,9 +113,18 @@ def read_trainer_state(path: Path, world_size: int, cfg: TrainConfig) -> dict[st
     if state["world_size"] != world_size:
         raise TrainConfigError(f"resume: {path} was written by {state['world_size']} processes, this run has "
                                f"{world_size}; resume with the same number of processes")
+    before = state["config"]["optim"]["max_steps"]
+    if before != cfg.optim.max_steps and not cfg.optim.extend_schedule:
+        o = cfg.optim
+        was = lr_multiplier(state["step"], o.warmup_steps, before, o.min_lr_ratio)
+        would = lr_multiplier(state["step"], o.warmup_steps, o.max_steps, o.min_lr_ratio)
+        raise TrainConfigError(
+            f"resume: {path} was trained towards optim.max_steps={before}, this run says {o.max_steps}: at step "
+            f"{state['step']} the learning-rate multiplier would jump from {was:.2f} to {would:.2f} (the cosine "
+            "schedule is stretched over the new length); to do that on purpose add --set optim.extend_schedule=true")
     check_same_settings(f"resume: {path}", state["config"], cfg.model_dump(mode="json"),
                         "use resume: never (or another output_dir) to start over", TrainConfigError,
-                        may_change=RESUMABLE_CHANGES, keep_whole=("lora",))
+                        may_change=RESUMABLE_CHANGES | {"optim.max_steps"}, keep_whole=("lora",))
     return state
 
 

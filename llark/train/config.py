@@ -61,6 +61,8 @@ class DataSection(_Section):
     shuffle_buffer: int = Field(256, ge=1)
     group_shards: int = Field(4, ge=1)
     on_bad_sample: Literal["error", "skip"] = "error"
+    on_too_long: Literal["skip", "error"] = Field("skip", description="a sample whose one Q/A pair is longer than "
+                                                  "max_seq_len: skipped and counted (too_long_samples), or an error")
     pad_to_multiple_of: int = Field(8, ge=1)
     questions: str | None = Field(None, description="a regular expression: train only on Q/A pairs whose "
                                   "question matches it (case-insensitive); None: all pairs")
@@ -87,6 +89,8 @@ class OptimSection(_Section):
     max_steps: int = Field(100_000, ge=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="0: no clipping")
+    extend_schedule: bool = Field(False, description="on resume, allow another max_steps: the warmup and cosine "
+                                  "schedule are recomputed for the new length from the step reached")
 
 
 class TrainConfig(_Section):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from llark.train.config import TrainConfig, TrainConfigError, check_run_settings
 from llark.train.distributed import (
     check_shared_directory, deepspeed_config, distributed_env, launcher_deepspeed_config,
 )
+from llark.train.optimizer import lr_multiplier, parameter_groups
 from pipeline.files import write_json
 
 if TYPE_CHECKING:
@@ -32,14 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llark")
 
 METRICS = "metrics.jsonl"
-
-
-def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
-    """Linear warmup to the peak over ``warmup`` steps, then cosine decay to ``min_ratio`` x peak at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class TrainRecipe:
@@ -64,13 +56,11 @@ class TrainRecipe:
     def gpu_memory_warning(self, encoder_dim: int, gpu_bytes: float) -> str | None:
         """Before any weight loads: what ``llark plan`` says of this run when it will not fit a GPU of
         ``gpu_bytes`` (an estimate, so a warning, not a refusal)."""
-        from llark.model.llark import resolve_lm_path
         from llark.model.memory import GB, plan_memory, shape_from_hf_config, zero_settings
 
         cfg = self.cfg
-        lm_dir = Path(cfg.model.init_from) if cfg.model.init_from else resolve_lm_path(cfg.model.lm_path)
         try:
-            shape = shape_from_hf_config(json.loads((lm_dir / "config.json").read_text(encoding="utf-8")))
+            shape = shape_from_hf_config(json.loads((self.base_lm_dir / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError):
             return None  # not a Llama-like config.json: loading it says what is wrong
         plan = plan_memory(shape, micro_batch=cfg.micro_batch, seq_len=cfg.data.max_seq_len, gpus=self.world_size,
@@ -103,15 +93,24 @@ class TrainRecipe:
         elif cfg.model.encoder_dim:
             check_encoder(self.shards.manifest, cfg.model.encoder_dim)
 
+    @property
+    def base_lm_dir(self) -> Path:
+        """The language model this run starts from: model.init_from's when set (its LM is the earlier
+        stage's), else model.lm_path's."""
+        from llark.model.llark import resolve_lm_path
+
+        m = self.cfg.model
+        return Path(m.init_from) if m.init_from else resolve_lm_path(m.lm_path)
+
     def _check_chat_template(self) -> None:
         """A whole conversation rendered, tokenized and labelled with the LM's own tokenizer and chat
         template, as training and inference will: a template that cannot work is refused here, by name."""
         from llark.model import AUDIO_TOKEN, ChatFormatError, ChatFormatter, LlarkConfig, load_tokenizer
-        from llark.model.llark import check_model_dir, resolve_lm_path
+        from llark.model.llark import check_model_dir
 
         m = self.cfg.model
+        lm_dir = self.base_lm_dir
         if m.init_from:
-            lm_dir = Path(m.init_from)
             trained = LlarkConfig.from_file(lm_dir / "llark_config.json")
             for name in ("system_prompt", "end_of_turn"):
                 ours, theirs = getattr(m, name), getattr(trained, name)
@@ -120,7 +119,6 @@ class TrainRecipe:
                                            "the exported model answers with its own: leave it unset to continue")
             system_prompt, end_of_turn, audio_token = trained.system_prompt, trained.end_of_turn, trained.audio_token
         else:
-            lm_dir = resolve_lm_path(m.lm_path)
             system_prompt, end_of_turn, audio_token = m.system_prompt, m.end_of_turn, AUDIO_TOKEN
         check_model_dir(lm_dir)
         try:
@@ -191,7 +189,7 @@ class TrainRecipe:
         m, manifest = self.cfg.model, self.shards.manifest
         model_kwargs = dict(dtype=m.dtype, attn_implementation=m.attn_implementation)
         if m.init_from:
-            model, tokenizer, _ = load_pretrained(m.init_from, **model_kwargs)
+            model, tokenizer, _ = load_pretrained(m.init_from, quantization=m.quantization, **model_kwargs)
             check_encoder(manifest, model.projector.in_features, model.config.encoder)
         else:
             check_encoder(manifest, self._encoder_dim)
@@ -210,9 +208,7 @@ class TrainRecipe:
         import deepspeed
 
         o, model = self.cfg.optim, self.model
-        projector = [p for p in model.projector.parameters() if p.requires_grad]
-        lm = [p for p in model.lm.parameters() if p.requires_grad]
-        trainable = [{"params": projector, "lr": o.projector_lr or o.lr}] + ([{"params": lm, "lr": o.lr}] if lm else [])
+        trainable = parameter_groups(model, o)
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
             opt, lambda s: lr_multiplier(s, o.warmup_steps, o.max_steps, o.min_lr_ratio))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -230,7 +226,7 @@ class TrainRecipe:
                                  micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
                                  rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
                                  group_shards=d.group_shards, buffer_size=d.shuffle_buffer,
-                                 conversation=d.conversation, on_bad_sample=d.on_bad_sample,
+                                 conversation=d.conversation, on_bad_sample=d.on_bad_sample, on_too_long=d.on_too_long,
                                  pad_to_multiple_of=d.pad_to_multiple_of, questions=d.questions,
                                  start=positions.positions if positions else {},
                                  rotation=positions.rotation if positions else 0))
@@ -311,6 +307,8 @@ class TrainRecipe:
                 window["tokens"] += batch["tokens"]
                 window["samples"] += len(batch["keys"])
                 window["skipped"] += batch["skipped"]
+                window["too_long"] += batch["too_long"]
+                window["dropped_turns"] += batch["dropped_turns"]
             self.step += 1
             if self.retained_heap and self.retained_heap.after_step():
                 print(f"train: rank {self.rank}: the heap grew at each of the last {self.retained_heap.patience} "
@@ -340,7 +338,8 @@ class TrainRecipe:
         # One all-reduce: the per-token mean loss (each rank holds its share of it) and summed
         # tokens/samples over ranks.
         totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
-                               window["skipped"]], dtype=torch.float64, device=self.engine.device)
+                               window["skipped"], window["too_long"], window["dropped_turns"]],
+                              dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
         loss = totals[0].item()
         o = self.cfg.optim
@@ -349,7 +348,8 @@ class TrainRecipe:
             "step": self.step, "loss": loss, "lr": o.lr * multiplier, "projector_lr": (o.projector_lr or o.lr) * multiplier,
             "grad_norm": _float(self.engine.get_global_grad_norm()),
             "tokens_per_s": totals[1].item() / seconds, "samples_per_s": totals[2].item() / seconds,
-            "skipped_samples": int(totals[3].item()),
+            "skipped_samples": int(totals[3].item()), "too_long_samples": int(totals[4].item()),
+            "dropped_turns": int(totals[5].item()),
         }
         if not self.is_main:
             return
@@ -368,7 +368,10 @@ class TrainRecipe:
             lr = f"{lr} projector lr {metrics['projector_lr']:.3e}".strip()
         self._print(f"step {self.step}/{o.max_steps} loss {loss:.4f} {lr} "
                     f"grad-norm {gn if gn is None else f'{gn:.3f}'} {metrics['tokens_per_s']:.0f} tokens/s "
-                    f"{metrics['samples_per_s']:.2f} samples/s")
+                    f"{metrics['samples_per_s']:.2f} samples/s" + "".join(
+                        f"; {metrics[k]} {words}" for k, words in (
+                            ("skipped_samples", "bad samples skipped"), ("too_long_samples", "samples over max_seq_len "
+                             "skipped"), ("dropped_turns", "turns dropped to fit max_seq_len")) if metrics[k]))
 
     def _print(self, message: str) -> None:
         if self.is_main:
@@ -442,12 +445,11 @@ class TrainRecipe:
         if self.is_main:
             lm = self.model.lm
             if self.cfg.model.quantization:
-                from llark.model.llark import merge_adapters_into_full_precision, resolve_lm_path
+                from llark.model.llark import merge_adapters_into_full_precision
 
-                self._print(f"export: merging the LoRA adapters into {self.cfg.model.lm_path} read again "
+                self._print(f"export: merging the LoRA adapters into {self.base_lm_dir} read again "
                             f"in {self.cfg.model.dtype} (not into its {self.cfg.model.quantization} copy)")
-                lm = merge_adapters_into_full_precision(lm, resolve_lm_path(self.cfg.model.lm_path),
-                                                        self.cfg.model.dtype)
+                lm = merge_adapters_into_full_precision(lm, self.base_lm_dir, self.cfg.model.dtype)
             elif self.cfg.model.mode == "lora":
                 lm = lm.merge_and_unload()
             export_pretrained(out, lm, self.tokenizer, self.model.config, projector, lm_state=lm_state)
@@ -470,7 +472,7 @@ class TrainRecipe:
 
 
 def _new_window() -> dict[str, Any]:
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0}
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0, "too_long": 0, "dropped_turns": 0}
 
 
 def _float(x) -> float | None:
