@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fixtures_train import free_port, tiny_lm_dir, train_env, write_shards  # noqa: E402
 
 from llark.data import DataConfigError  # noqa: E402
+from llark.train.stages import stage_configs  # noqa: E402
 from llark.train import (  # noqa: E402
     TrainConfigError, TrainRecipe, deepspeed_config, load_config, lr_multiplier,
 )
@@ -97,6 +98,11 @@ def test_every_launch_config_loads():
                 assert ds["zero_optimization"]["overlap_comm"] is False
     paper = load_config(REPO / "launch" / "llama2_7b_chat.yaml")
     assert paper.model.encoder_dim == 4800 and paper.optim.warmup_steps == 3000 and paper.optim.max_steps == 100_000
+    for name in ("llama2_7b_chat_two_stage.yaml", "qwen2_5_7b_instruct_two_stage.yaml"):
+        connector, instruct = stage_configs(load_config(REPO / "launch" / name))
+        assert connector.model.mode == "projector" and connector.data.task_families == ["captioning", "understanding"]
+        assert instruct.model.mode in ("full", "lora") and instruct.data.task_families is None
+        assert instruct.model.init_from == str(connector.final_dir)
 
 
 def test_deepspeed_json_conflicting_with_the_config_is_refused(tmp_path):

@@ -25,7 +25,7 @@ TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is
 # Settings that may change when resuming (the rest must match the checkpoint's). data.num_workers may not:
 # each loader worker's position is saved, and another count would replay or skip samples.
 RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb_project", "export",
-                     "resume", "output_dir", "deepspeed", "optim.extend_schedule",
+                     "resume", "output_dir", "export_dir", "deepspeed", "optim.extend_schedule",
                      "model.projector_init", "model.projector_init_samples"}  # the last two: a new run only
 
 

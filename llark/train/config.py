@@ -114,6 +114,11 @@ class TrainConfig(_Section):
     wandb_project: str | None = None
     resume: str = Field("auto", description="auto: latest complete checkpoint in output_dir; never; or a checkpoint dir")
     export: bool = True
+    export_dir: str | None = Field(None, description="where the final model is written; None: output_dir/final")
+    stages: list[dict[str, Any]] = Field(default_factory=list, description="training stages run in order, each "
+                                         "a part of this config written over it (llark/train/stages.py)")
+    stage: str | None = Field(None, description="the stage a config trains: set by the stages driver, kept in "
+                              "its checkpoints")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -121,7 +126,16 @@ class TrainConfig(_Section):
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) > optim.max_steps ({self.optim.max_steps})")
         if self.model.quantization and self.model.mode != "lora":
             raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        if self.stages:
+            from llark.train.stages import stage_configs
+
+            stage_configs(self)  # each stage's settings are checked now, before the first one starts
         return self
+
+    @property
+    def final_dir(self) -> Path:
+        """Where the trained model is exported."""
+        return Path(self.export_dir) if self.export_dir else Path(self.output_dir) / "final"
 
     def grad_accum_for(self, world_size: int) -> int:
         """Micro-batches per optimizer step such that micro_batch x grad_accum x world_size == global_batch."""

@@ -24,6 +24,7 @@ from llark.train.distributed import (
     check_shared_directory, deepspeed_config, distributed_env, launcher_deepspeed_config,
 )
 from llark.train.optimizer import lr_multiplier, parameter_groups
+from llark.train.stages import mark_stage_done, run_stages
 from pipeline.files import write_json
 
 if TYPE_CHECKING:
@@ -351,6 +352,8 @@ class TrainRecipe:
             "skipped_samples": int(totals[3].item()), "too_long_samples": int(totals[4].item()),
             "dropped_turns": int(totals[5].item()),
         }
+        if self.cfg.stage is not None:
+            metrics["stage"] = self.cfg.stage
         if not self.is_main:
             return
         with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
@@ -361,7 +364,7 @@ class TrainRecipe:
                     self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
             self.writer.flush()
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k != "step"}, step=self.step)
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k not in ("step", "stage")}, step=self.step)
         gn = metrics["grad_norm"]
         lr = (f"lr {metrics['lr']:.3e}" if self.cfg.model.mode != "projector" else "")
         if self.cfg.model.mode == "projector" or o.projector_lr:
@@ -435,7 +438,7 @@ class TrainRecipe:
         """The final model as a Hugging Face directory (safetensors) with the projector and llark_config.json."""
         from llark.model import export_pretrained
 
-        out = self.output_dir / "final"
+        out = self.cfg.final_dir
         lm_state = None
         if self.zero_stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # on rank 0; needs the gather flag
@@ -459,7 +462,8 @@ class TrainRecipe:
         dist.barrier()
         return out if self.is_main else None
 
-    def cleanup(self) -> None:
+    def cleanup(self, end_process_group: bool = True) -> None:
+        """Close the logs; end the process group unless another stage follows in this process."""
         if self.writer is not None:
             self.writer.close()
         if self.wandb is not None:
@@ -468,7 +472,8 @@ class TrainRecipe:
 
         if dist.is_initialized():
             dist.barrier()
-            dist.destroy_process_group()
+            if end_process_group:
+                dist.destroy_process_group()
 
 
 def _new_window() -> dict[str, Any]:
@@ -482,9 +487,22 @@ def _float(x) -> float | None:
 
 
 def main(cfg: TrainConfig) -> None:
+    """One run, or each of its stages in turn (llark/train/stages.py)."""
+    if cfg.stages:
+        run_stages(cfg, run_one)
+    else:
+        run_one(cfg, last=True)
+
+
+def run_one(cfg: TrainConfig, last: bool = True) -> None:
     recipe = TrainRecipe(cfg)
     recipe.setup()
     recipe.train()
     if cfg.export:
         recipe.export()
-    recipe.cleanup()
+    if cfg.stage is not None and recipe.is_main:
+        mark_stage_done(cfg, recipe.step)
+    recipe.cleanup(end_process_group=last)
+    del recipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

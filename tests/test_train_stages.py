@@ -1,0 +1,102 @@
+"""Training in stages (llark/train/stages.py): each stage's config from the run's, validated before any
+work; a two-stage run under DeepSpeed, killed inside each stage and resumed, gives the uninterrupted
+run's losses in both stages (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from fixtures_train import REPO, train_env, write_shards  # noqa: E402
+from test_train import DIM, losses, run_train, train_args  # noqa: E402
+
+from llark.train import TrainConfigError, load_config  # noqa: E402
+from llark.train.stages import stage_configs  # noqa: E402
+
+TWO_STAGES = [
+    {"name": "connector", "model": {"mode": "projector"}, "data": {"task_families": ["understanding"]},
+     "optim": {"max_steps": 6, "warmup_steps": 1, "projector_lr": 1e-2}},
+    {"name": "instruct", "model": {"mode": "lora", "lora": {"r": 4}}, "optim": {"max_steps": 8, "warmup_steps": 1}},
+]
+
+
+def test_each_stage_is_the_runs_settings_with_its_own_written_over_them():
+    cfg = load_config(None, {"data.shards": ["shards"], "output_dir": "runs/x", "optim.lr": 3e-4,
+                             "model.system_prompt": "You are a music assistant.", "stages": TWO_STAGES})
+    first, second = stage_configs(cfg)
+    assert (first.stage, first.model.mode, first.data.task_families, first.optim.max_steps) == (
+        "connector", "projector", ["understanding"], 6)
+    assert (second.stage, second.model.mode, second.model.lora.r, second.data.task_families) == (
+        "instruct", "lora", 4, None)
+    assert first.optim.lr == second.optim.lr == 3e-4 and first.optim.projector_lr == 1e-2
+    assert second.optim.projector_lr is None  # a stage's settings do not leak into the next
+    assert first.model.system_prompt == second.model.system_prompt == "You are a music assistant."
+    assert first.output_dir == "runs/x/stages/1-connector" and second.output_dir == "runs/x/stages/2-instruct"
+    assert first.model.init_from is None and second.model.init_from == "runs/x/stages/1-connector/final"
+    assert str(second.final_dir) == "runs/x/final" and str(first.final_dir) == "runs/x/stages/1-connector/final"
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "optim": {"lr": -1}}], r"stages\[0\] \(a\): optim.lr: Input should be greater than 0"),
+    ([{"name": "a", "model": {"mode": "sideways"}}], r"stages\[0\] \(a\): model.mode"),
+    ([{"model": {"mode": "lora"}}], r"stages\[0\]: a stage needs a name"),
+    ([{"name": "a"}, {"name": "a"}], r"stages\[1\] \(a\): two stages are called 'a'"),
+    ([{"name": "a", "output_dir": "elsewhere"}], r"output_dir is set for the whole run"),
+    ([{"name": "a", "model": {"init_from": "x"}}], r"model.init_from is set by the stages"),
+    ([{"name": "a", "model": {"quantization": "4bit"}}], r"stages\[0\] \(a\): .*quantization needs model.mode: lora"),
+])
+def test_an_invalid_stage_is_refused_when_the_config_is_read(stages, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_config(None, {"data.shards": ["shards"], "stages": stages})
+
+
+# ---------------------------------------------------------------------------------------------
+# Under DeepSpeed (slow)
+
+
+def _kill_when(command: list[str], metrics, lines: int) -> None:
+    proc = subprocess.Popen(command, env=train_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2))
+    settings = {"stages": TWO_STAGES, "save_every": 2, "data.num_workers": 1}
+    straight = tmp_path / "straight"
+    result = run_train(straight, shards, **settings)
+    assert "train: stage 1/2 (connector): mode projector, 6 steps" in result.stdout
+    assert "train: stage 2/2 (instruct): mode lora, 8 steps" in result.stdout
+    stage_1, stage_2 = (straight / "stages" / name for name in ("1-connector", "2-instruct"))
+    assert sorted(losses(stage_1)) == list(range(1, 7)) and sorted(losses(stage_2)) == list(range(1, 9))
+    assert json.loads((stage_1 / "stage.json").read_text())["steps"] == 6
+    assert (straight / "final" / "llark_config.json").is_file()
+    state = json.loads(sorted((stage_2 / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text())
+    assert state["config"]["stage"] == "instruct"
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "llark.train"] + train_args(killed, shards, **settings)
+    _kill_when(command, killed / "stages" / "1-connector" / "metrics.jsonl", 4)
+    _kill_when(command, killed / "stages" / "2-instruct" / "metrics.jsonl", 4)
+    result = run_train(killed, shards, **settings)
+    assert "train: stage 1/2 (connector): done earlier (6 steps" in result.stdout
+    for name in ("1-connector", "2-instruct"):
+        assert losses(killed / "stages" / name) == losses(straight / "stages" / name), name
