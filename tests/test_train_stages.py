@@ -100,3 +100,29 @@ def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_pa
     assert "train: stage 1/2 (connector): done earlier (6 steps" in result.stdout
     for name in ("1-connector", "2-instruct"):
         assert losses(killed / "stages" / name) == losses(straight / "stages" / name), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation during training (slow)
+
+
+@pytest.mark.slow
+def test_validation_loss_is_logged_is_the_same_on_two_ranks_and_exports_the_best(tmp_path):
+    shards, held_out = tmp_path / "shards", tmp_path / "valid"
+    write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2))
+    write_shards(held_out, n_samples=10, n_shards=1, dim=DIM, frames=(3, 6), pairs=(1, 2), seed=5, split="valid")
+    settings = {"validation.every": 2, "validation.split": "valid", "validation.shards": [str(held_out)],
+                "validation.max_examples": 9, "optim.max_steps": 4, "save_every": 4, "model.projector_init": "default",
+                "data.num_workers": 1, "optim.lr": 1e-12, "optim.projector_lr": 1e-12, "export": False}
+    val = lambda out: {m["step"]: m["val_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                       if "val_loss" in m}
+    one = tmp_path / "one"
+    result = run_train(one, shards, **settings, **{"validation.export_best": True})
+    assert "validation: step 2 loss" in result.stdout and "(best so far)" in result.stdout
+    assert sorted(val(one)) == [2, 4] and all(v > 0 for v in val(one).values())
+    assert (one / "best" / "llark_config.json").is_file()
+    two = tmp_path / "two"
+    run_train(two, shards, nproc=2, **settings, **{"global_batch": 4, "micro_batch": 1})
+    # The weights hardly move at this learning rate: two ranks, each with its share, give the same mean.
+    for step in (2, 4):
+        assert val(two)[step] == pytest.approx(val(one)[step], rel=1e-4)

@@ -26,7 +26,8 @@ TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is
 # each loader worker's position is saved, and another count would replay or skip samples.
 RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb_project", "export",
                      "resume", "output_dir", "export_dir", "deepspeed", "optim.extend_schedule",
-                     "model.projector_init", "model.projector_init_samples"}  # the last two: a new run only
+                     "model.projector_init", "model.projector_init_samples",  # these two: a new run only
+                     "validation.every", "validation.max_examples", "validation.export_best"}
 
 
 def seed_all(seed: int) -> None:
@@ -102,8 +103,9 @@ def restore_rank_state(path: Path, rank: int, num_workers: int) -> LoaderState:
     return LoaderState.from_dict(mine["loader"], num_workers)
 
 
-def save_trainer_state(path: Path, step: int, world_size: int, cfg: TrainConfig) -> None:
-    write_json(path / TRAINER_STATE, {"step": step, "world_size": world_size, "config": cfg.model_dump(mode="json")})
+def save_trainer_state(path: Path, step: int, world_size: int, cfg: TrainConfig, **more: Any) -> None:
+    write_json(path / TRAINER_STATE, {"step": step, "world_size": world_size, "config": cfg.model_dump(mode="json"),
+                                      **more})
 
 
 def read_trainer_state(path: Path, world_size: int, cfg: TrainConfig) -> dict[str, Any]:
@@ -122,7 +124,12 @@ def read_trainer_state(path: Path, world_size: int, cfg: TrainConfig) -> dict[st
             f"resume: {path} was trained towards optim.max_steps={before}, this run says {o.max_steps}: at step "
             f"{state['step']} the learning-rate multiplier would jump from {was:.2f} to {would:.2f} (the cosine "
             "schedule is stretched over the new length); to do that on purpose add --set optim.extend_schedule=true")
-    check_same_settings(f"resume: {path}", state["config"], cfg.model_dump(mode="json"),
+    try:
+        # A setting that a checkpoint written by an earlier version lacks had its default there.
+        before_settings = TrainConfig.model_validate(state["config"]).model_dump(mode="json")
+    except ValueError:
+        before_settings = state["config"]
+    check_same_settings(f"resume: {path}", before_settings, cfg.model_dump(mode="json"),
                         "use resume: never (or another output_dir) to start over", TrainConfigError,
                         may_change=RESUMABLE_CHANGES | {"optim.max_steps"}, keep_whole=("lora",))
     return state

@@ -93,10 +93,20 @@ class OptimSection(_Section):
                                   "schedule are recomputed for the new length from the step reached")
 
 
+class ValidationSection(_Section):
+    every: int = Field(0, ge=0, description="the loss on held-out shards every this many steps (and at the last); "
+                       "0: never")
+    split: str = Field("valid", description="the split of the shards to validate on")
+    shards: list[str] | None = Field(None, description="shard directories; None: data.shards")
+    max_examples: int = Field(256, ge=1, description="examples per validation (the same ones each time)")
+    export_best: bool = Field(False, description="export the model of the lowest validation loss to output_dir/best")
+
+
 class TrainConfig(_Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
+    validation: ValidationSection = ValidationSection()
     global_batch: int = Field(32, ge=1)
     micro_batch: int = Field(4, ge=1)
     grad_accum: int | None = Field(None, ge=1, description="None: global_batch / (micro_batch x world size)")

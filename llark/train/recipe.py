@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,7 @@ class TrainRecipe:
         self._check_chat_template()
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
+        self.best_val_loss = math.inf
         self.writer = None
         self.wandb = None
 
@@ -82,6 +84,15 @@ class TrainRecipe:
 
         cfg = self.cfg
         self.shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.task_families)
+        self.validation_shards = None
+        if cfg.validation.every:
+            from pipeline.encoders import describe_differences, manifest_differences
+
+            v = cfg.validation
+            self.validation_shards = open_shards(v.shards or cfg.data.shards, v.split, cfg.data.task_families)
+            if differences := manifest_differences(self.shards.manifest, self.validation_shards.manifest):
+                raise TrainConfigError("validation.shards hold embeddings of another encoder than data.shards: "
+                                       + describe_differences(differences))
         if cfg.model.init_from:
             trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
@@ -233,6 +244,12 @@ class TrainRecipe:
                                  rotation=positions.rotation if positions else 0))
         self.loader_state = positions or LoaderState(d.num_workers)
         self.loader = make_loader(stream)
+        if self.validation_shards is not None:
+            from llark.train.validation import Validator
+
+            self.validator = Validator(self.validation_shards.urls, stream.encode, self.tokenizer.pad_token_id,
+                                       cfg.micro_batch, cfg.validation.max_examples, d.conversation, self.rank,
+                                       self.world_size)
 
     def _setup_logging(self, resumed: bool) -> None:
         """On rank 0: the run's config.json, TensorBoard, W&B and the run's summary."""
@@ -322,9 +339,51 @@ class TrainRecipe:
                 self._log(window, time.perf_counter() - t_last)
                 window = _new_window()
                 t_last = time.perf_counter()
+            v = cfg.validation
+            if v.every and (self.step % v.every == 0 or self.step == cfg.optim.max_steps):
+                self.validate()
+                engine.train()
+                t_last = time.perf_counter()
             if self.step % cfg.save_every == 0 or self.step == cfg.optim.max_steps:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
+
+    def validate(self) -> float:
+        """The per-token loss on the validation examples, logged beside the training metrics; with
+        validation.export_best, a new lowest loss exports the model to output_dir/best."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        mine = len(self.validator.examples())
+        counts = torch.tensor([-mine, -(-mine // self.cfg.micro_batch)], dtype=torch.int64, device=self.engine.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [-fewest examples on a rank, most batches on a rank]
+        if -counts[0].item() == 0:
+            raise TrainConfigError(f"validation: a rank has no example ({self.cfg.validation.split} split, "
+                                   f"validation.max_examples {self.cfg.validation.max_examples} over {self.world_size} "
+                                   "ranks); validate on more examples")
+        loss_sum, tokens = self.validator.loss(self.engine, int(counts[1].item()))
+        totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(totals)
+        loss, tokens = totals[0].item() / max(1.0, totals[1].item()), int(totals[1].item())
+        metrics = {"step": self.step, "val_loss": loss, "val_tokens": tokens}
+        if self.cfg.stage is not None:
+            metrics["stage"] = self.cfg.stage
+        best = loss < self.best_val_loss
+        if best:
+            self.best_val_loss = loss
+        if self.is_main:
+            with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            if self.writer is not None:
+                self.writer.add_scalar("valid/loss", loss, self.step)
+                self.writer.flush()
+            if self.wandb is not None:
+                self.wandb.log({"valid/loss": loss}, step=self.step)
+            self._print(f"validation: step {self.step} loss {loss:.4f} over {tokens:,} answer tokens"
+                        + (" (best so far)" if best else f" (best {self.best_val_loss:.4f})"))
+        if best and self.cfg.validation.export_best:
+            self.export(self.output_dir / "best")
+        return loss
 
     def _all_ranks_sum(self, count: int) -> int:
         import torch.distributed as dist
@@ -398,7 +457,7 @@ class TrainRecipe:
             (path / LLARK_CONFIG).write_text(self.model.config.to_json(), encoding="utf-8")
         dist.barrier()
         if self.is_main:
-            save_trainer_state(path, self.step, self.world_size, self.cfg)
+            save_trainer_state(path, self.step, self.world_size, self.cfg, best_val_loss=None if math.isinf(self.best_val_loss) else self.best_val_loss)
             remove_old_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
             self._print(f"checkpoint: {path}")
         dist.barrier()
@@ -430,15 +489,17 @@ class TrainRecipe:
             raise TrainConfigError(f"resume: DeepSpeed could not load {path}")
         positions = restore_rank_state(path, self.rank, self.cfg.data.num_workers)
         self.step = state["step"]
+        self.best_val_loss = state.get("best_val_loss") or math.inf
         return positions
 
     # -- export ---------------------------------------------------------------------------------
 
-    def export(self) -> Path | None:
-        """The final model as a Hugging Face directory (safetensors) with the projector and llark_config.json."""
+    def export(self, out: Path | None = None) -> Path | None:
+        """The model as a Hugging Face directory (safetensors) with the projector and llark_config.json, in
+        ``out`` (default: the final model's directory)."""
         from llark.model import export_pretrained
 
-        out = self.cfg.final_dir
+        out = out or self.cfg.final_dir
         lm_state = None
         if self.zero_stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # on rank 0; needs the gather flag
