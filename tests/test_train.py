@@ -72,10 +72,23 @@ def test_batch_product_must_equal_global_batch():
     ({"data.conversaton": "pair"}, "data.conversaton"),
     ({"optim.warmup_steps": 10, "optim.max_steps": 5}, "warmup_steps"),
     ({"model.quantization": "4bit"}, "mode: lora"),
+    ({"model.attn_implementation": "flashy"}, "model.attn_implementation"),
+    ({"data.on_too_long": "truncate"}, "data.on_too_long"),
+    ({"validation.every": -1}, "validation.every"),
+    ({"model.lora.target_modules": "all"}, "model.lora.target_modules"),
 ])
 def test_bad_fields_are_named(overrides, field):
     with pytest.raises(TrainConfigError, match=field):
         load_config(None, overrides)
+
+
+def test_flash_attention_without_its_package_is_refused_when_the_config_is_read():
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(TrainConfigError, match="flash_attention_2 needs the flash_attn package"):
+        load_config(None, {"model.attn_implementation": "flash_attention_2"})
 
 
 def test_every_launch_config_loads():
@@ -322,6 +335,21 @@ def run_worker(scenario: str, out: Path, shards: Path, nproc: int, timeout: int 
                                   str(out)), timeout)
 
 
+def kill_when_logged(command: list[str], metrics: Path, lines: int, timeout: float = 240) -> None:
+    """Start a training run and SIGKILL it once ``metrics`` has ``lines`` lines."""
+    proc = subprocess.Popen(command, env=train_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
 def losses(out: Path) -> dict[int, float]:
     """Step → loss; a step logged twice (replayed after a resume) keeps its last value."""
     return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
@@ -391,19 +419,8 @@ def test_resume_after_kill_gives_the_same_loss_curve(tmp_path, shards):
     straight = tmp_path / "straight"
     run_train(straight, shards, **{"optim.max_steps": steps, "export": False})
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "llark.train"]
-                            + train_args(killed, shards, **{"optim.max_steps": steps, "export": False}),
-                            env=train_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_when_logged([sys.executable, "-m", "llark.train"]
+                     + train_args(killed, shards, **{"optim.max_steps": steps, "export": False}), killed / "metrics.jsonl", 5)
     resumed_from = max(int(p.name.split("_")[1]) for p in (killed / "checkpoints").glob("step_*")
                        if (p / "trainer_state.json").is_file())
     assert 2 <= resumed_from < steps

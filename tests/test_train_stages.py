@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fixtures_train import REPO, train_env, write_shards  # noqa: E402
-from test_train import DIM, losses, run_train, train_args  # noqa: E402
+from fixtures_train import write_shards  # noqa: E402
+from test_train import DIM, kill_when_logged, losses, run_train, train_args  # noqa: E402
 
 from llark.train import TrainConfigError, load_config  # noqa: E402
 from llark.train.stages import stage_configs  # noqa: E402
@@ -62,20 +59,6 @@ def test_an_invalid_stage_is_refused_when_the_config_is_read(stages, message):
 # Under DeepSpeed (slow)
 
 
-def _kill_when(command: list[str], metrics, lines: int) -> None:
-    proc = subprocess.Popen(command, env=train_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-
-
 @pytest.mark.slow
 def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_path):
     shards = tmp_path / "shards"
@@ -94,8 +77,8 @@ def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_pa
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "llark.train"] + train_args(killed, shards, **settings)
-    _kill_when(command, killed / "stages" / "1-connector" / "metrics.jsonl", 4)
-    _kill_when(command, killed / "stages" / "2-instruct" / "metrics.jsonl", 4)
+    kill_when_logged(command, killed / "stages" / "1-connector" / "metrics.jsonl", 4)
+    kill_when_logged(command, killed / "stages" / "2-instruct" / "metrics.jsonl", 4)
     result = run_train(killed, shards, **settings)
     assert "train: stage 1/2 (connector): done earlier (6 steps" in result.stdout
     for name in ("1-connector", "2-instruct"):

@@ -38,7 +38,8 @@ class ModelSection(_Section):
     lora: LoraSection = LoraSection()
     quantization: Literal["4bit", "8bit"] | None = None
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    attn_implementation: str | None = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = Field(
+        "sdpa", description="the LM's attention kernel; flash_attention_2/3 need the flash-attn package and a GPU")
     gradient_checkpointing: bool = True
     system_prompt: str | None = None
     end_of_turn: str | None = None
@@ -134,6 +135,14 @@ class TrainConfig(_Section):
     def _consistent(self) -> "TrainConfig":
         if self.optim.warmup_steps > self.optim.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) > optim.max_steps ({self.optim.max_steps})")
+        if self.model.attn_implementation in ("flash_attention_2", "flash_attention_3"):
+            import importlib.util
+
+            package = "flash_attn" if self.model.attn_implementation == "flash_attention_2" else "flash_attn_interface"
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(f"model.attn_implementation: {self.model.attn_implementation} needs the {package} "
+                                 "package (pip install flash-attn --no-build-isolation, on a CUDA machine); "
+                                 "sdpa needs nothing")
         if self.model.quantization and self.model.mode != "lora":
             raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
         if self.stages:
