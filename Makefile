@@ -106,8 +106,11 @@ bench: setup
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/shards.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/loss_memory.py
+	$(BIN)/python benchmarks/mixture.py
 	$(BIN)/python benchmarks/plan_memory.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/ingest_folder.py
 
 clean:
 	rm -rf $(RUN)

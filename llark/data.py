@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -428,13 +429,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         while buffer:
             yield pop()
 
-    def worker_stream(self, worker: int) -> Iterator[dict[str, Any]]:
-        """The batches of logical worker ``worker`` (``rank * num_workers + worker`` globally)."""
+    def worker_examples(self, worker: int, start: dict[str, int] | None = None) -> Iterator[tuple[str, Any, Position]]:
+        """Logical worker ``worker``'s examples in order, each as ``("example", example, position after it)``;
+        a sample left out is ``("skipped" | "too_long", None, position)``."""
         s = self.s
         workers = max(1, s.num_workers)
         g, G = s.rank * workers + worker, s.world_size * workers
-        pos = Position(**s.start.get(worker, {}))
-        batch, skipped, too_long = [], 0, 0
+        pos = Position(**(start or {}))
         while s.epochs is None or pos.epoch < s.epochs:
             shard_ids = worker_shards(len(self.urls), pos.epoch, s.seed, g, G)
             groups = [shard_ids[i:i + s.group_shards] for i in range(0, len(shard_ids), s.group_shards)]
@@ -444,7 +445,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     pos.offset = n + 1
                     try:
-                        batch.append(self.encode(sample, pair))
+                        example = self.encode(sample, pair)
                     except SampleTooLong as exc:
                         if s.on_too_long == "error":
                             raise
@@ -452,25 +453,33 @@ class ShardStream(torch.utils.data.IterableDataset):
                             log.warning("skipping samples longer than data.max_seq_len (data.on_too_long=skip; the "
                                         "count is in the metrics as too_long_samples), the first: %s", exc)
                             self._told_too_long = True
-                        too_long += 1
+                        yield "too_long", None, pos
                         continue
                     except BadSample as exc:
                         if s.on_bad_sample == "error":
                             raise
-                        skipped += 1
                         log.warning("skipping a bad sample (data.on_bad_sample=skip): %s", exc)
+                        yield "skipped", None, pos
                         continue
-                    if len(batch) == s.micro_batch:
-                        out = collate(batch, s.pad_id, s.pad_to_multiple_of)
-                        out.update(worker=worker, position=pos.to_dict(), skipped=skipped, too_long=too_long)
-                        yield out
-                        batch, skipped, too_long = [], 0, 0
+                    yield "example", example, pos
                 pos = Position(pos.epoch, pos.group + 1, 0)
             pos = Position(pos.epoch + 1, 0, 0)
+
+    def worker_stream(self, worker: int) -> Iterator[dict[str, Any]]:
+        """The batches of logical worker ``worker`` (``rank * num_workers + worker`` globally)."""
+        s = self.s
+        batch, left_out = [], Counter()
+        pos = Position(**s.start.get(worker, {}))
+        for kind, example, pos in self.worker_examples(worker, s.start.get(worker)):
+            if kind != "example":
+                left_out[kind] += 1
+                continue
+            batch.append(example)
+            if len(batch) == s.micro_batch:
+                yield _batch(batch, s, worker, pos.to_dict(), left_out)
+                batch, left_out = [], Counter()
         if batch:
-            out = collate(batch, s.pad_id, s.pad_to_multiple_of)
-            out.update(worker=worker, position=pos.to_dict(), skipped=skipped, too_long=too_long)
-            yield out
+            yield _batch(batch, s, worker, pos.to_dict(), left_out)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -480,6 +489,64 @@ class ShardStream(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         yield from self.worker_stream((physical + self.s.rotation) % n)
+
+
+def _batch(examples: list[dict[str, Any]], s: StreamSettings, worker: int, position: dict[str, Any],
+           left_out: Counter, **more: Any) -> dict[str, Any]:
+    out = collate(examples, s.pad_id, s.pad_to_multiple_of)
+    out.update(worker=worker, position=position, skipped=left_out["skipped"], too_long=left_out["too_long"], **more)
+    return out
+
+
+class MixtureStream(ShardStream):
+    """Batches drawn from several streams (one per task family) with fixed weights, whatever their sizes.
+
+    Each example comes from stream ``i`` with probability ``weights[i] / sum(weights)``: the ``n``-th
+    draw of global worker ``g`` is a pure function of ``(seed, g, n)``, so a worker's sequence is the
+    same on every run, and a batch's position (the draw count and each stream's position) resumes it
+    exactly. Every stream is endless (each pass over its shards reshuffled), so a small family is
+    repeated as often as its weight asks. Batches carry ``mixture``: how many of their examples came
+    from each stream.
+    """
+
+    def __init__(self, streams: dict[str, ShardStream], weights: dict[str, float], settings: StreamSettings):
+        torch.utils.data.IterableDataset.__init__(self)
+        if set(streams) != set(weights) or not streams:
+            raise DataConfigError(f"data.mixture: weights for {sorted(weights)}, streams for {sorted(streams)}")
+        bad = {k: w for k, w in weights.items() if not w > 0}
+        if bad:
+            raise DataConfigError(f"data.mixture: weights must be > 0, got {bad}")
+        self.streams, self.s = streams, settings
+        self.names = sorted(streams)
+        total = sum(weights[k] for k in self.names)
+        self.cumulative = np.cumsum([weights[k] / total for k in self.names])
+        self.encode = next(iter(streams.values())).encode
+
+    def worker_stream(self, worker: int) -> Iterator[dict[str, Any]]:
+        s = self.s
+        g = s.rank * max(1, s.num_workers) + worker
+        start = s.start.get(worker) or {}
+        draws = int(start.get("draws", 0))
+        positions = {k: dict(p) for k, p in (start.get("streams") or {}).items()}
+        examples = {k: stream.worker_examples(worker, positions.get(k)) for k, stream in self.streams.items()}
+        batch, left_out, counts = [], Counter(), Counter()
+        while True:
+            u = np.random.default_rng([s.seed, 0x6D6978, g, draws]).random()
+            name = self.names[min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.names) - 1)]
+            draws += 1
+            for kind, example, pos in examples[name]:
+                positions[name] = pos.to_dict()
+                if kind == "example":
+                    break
+                left_out[kind] += 1
+            else:
+                return  # a finite stream (data epochs) ran out
+            batch.append(example)
+            counts[name] += 1
+            if len(batch) == s.micro_batch:
+                yield _batch(batch, s, worker, {"draws": draws, "streams": {k: dict(p) for k, p in positions.items()}},
+                             left_out, mixture=dict(counts))
+                batch, left_out, counts = [], Counter(), Counter()
 
 
 class LoaderState:

@@ -167,6 +167,10 @@ def write_shards(out_dir: Path, n_samples: int = 40, n_shards: int = 4, dim: int
         shards.append({"file": file, "split": split, "task_family": family, "samples": len(members),
                        "bytes": (out_dir / file).stat().st_size})
     (out_dir / "encoder.json").write_text(json.dumps(encoder_manifest(dim, dtype=dtype)))
-    (out_dir / "index.json").write_text(json.dumps({"name": name, "seed": seed, "shards": shards,
-                                                    "total_samples": n_samples}))
+    index_path = out_dir / "index.json"
+    if index_path.is_file():  # shards of another split or family in the same directory: one index lists them all
+        earlier = json.loads(index_path.read_text())
+        shards = [s for s in earlier["shards"] if s["file"] not in {x["file"] for x in shards}] + shards
+    index_path.write_text(json.dumps({"name": name, "seed": seed, "shards": shards,
+                                      "total_samples": sum(s["samples"] for s in shards)}))
     return samples

@@ -4,6 +4,7 @@ positions, collation, and the encoder check."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -11,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -346,3 +348,65 @@ def test_finite_check_matches_isfinite():
             array[2, 1] = value
             assert all_finite(array) == bool(np.isfinite(array).all()), (dtype, value)
             assert all_finite(np.asfortranarray(array)) == bool(np.isfinite(array).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixtures
+
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    write_shards(root / "understanding", n_samples=40, n_shards=4, dim=DIM, pairs=(1, 1), family="understanding")
+    write_shards(root / "captioning", n_samples=8, n_shards=2, dim=DIM, pairs=(1, 1), family="captioning", seed=1)
+    return root
+
+
+def mixture_stream(tokenizer, root, weights, **kw):
+    from llark.data import MixtureStream
+
+    encode = ExampleEncoder(ChatFormatter(tokenizer), DIM, 512, system_prompt=None)
+    settings = StreamSettings(**{"micro_batch": 4, "pad_id": tokenizer.pad_token_id, "group_shards": 2,
+                                 "buffer_size": 8, **kw})
+    streams = {f: ShardStream(open_shards([str(root / f)]).urls, encode, StreamSettings(**{**settings.__dict__,
+                                                                                          "start": {}}))
+               for f in weights}
+    return MixtureStream(streams, weights, settings)
+
+
+def test_a_mixture_follows_its_weights_whatever_the_sizes(tokenizer, two_families):
+    # 40 understanding samples and 8 captioning ones, asked 2:1: captioning repeats to reach a third.
+    batches = itertools.islice(mixture_stream(tokenizer, two_families, {"understanding": 2.0, "captioning": 1.0})
+                               .worker_stream(0), 2500)
+    drawn = Counter()
+    for b in batches:
+        drawn.update(b["mixture"])
+        assert Counter(k.rsplit("-", 1)[1] for k in b["keys"]) == b["mixture"]  # keys end with their family
+    total = sum(drawn.values())
+    assert total == 10_000
+    assert abs(drawn["captioning"] / total - 1 / 3) < 0.02 and abs(drawn["understanding"] / total - 2 / 3) < 0.02
+
+
+def test_a_mixture_is_deterministic_and_resumes_exactly(tokenizer, two_families):
+    weights = {"understanding": 1.0, "captioning": 3.0}
+    first = list(itertools.islice(mixture_stream(tokenizer, two_families, weights).worker_stream(0), 30))
+    again = list(itertools.islice(mixture_stream(tokenizer, two_families, weights).worker_stream(0), 30))
+    assert [b["keys"] for b in first] == [b["keys"] for b in again]
+    resumed = list(itertools.islice(mixture_stream(tokenizer, two_families, weights,
+                                                   start={0: first[11]["position"]}).worker_stream(0), 18))
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in first[12:]]
+    for a, b in zip(resumed, first[12:]):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["audio"], b["audio"])
+    other_seed = list(itertools.islice(mixture_stream(tokenizer, two_families, weights, seed=1).worker_stream(0), 30))
+    assert [b["keys"] for b in other_seed] != [b["keys"] for b in first]
+
+
+def test_mixture_settings_are_checked_when_the_config_is_read():
+    from llark.train import TrainConfigError, load_config
+
+    with pytest.raises(TrainConfigError, match=r"data.mixture.*weights must be > 0"):
+        load_config(None, {"data.mixture": {"understanding": 0}})
+    with pytest.raises(TrainConfigError, match=r"data.mixture weighs \['reasoning'\], which data.task_families"):
+        load_config(None, {"data.mixture": {"reasoning": 1.0}, "data.task_families": ["understanding"]})
+    with pytest.raises(TrainConfigError, match=r"data.mixture"):
+        load_config(None, {"data.mixture": {"lyrics": 1.0}})

@@ -109,3 +109,26 @@ def test_validation_loss_is_logged_is_the_same_on_two_ranks_and_exports_the_best
     # The weights hardly move at this learning rate: two ranks, each with its share, give the same mean.
     for step in (2, 4):
         assert val(two)[step] == pytest.approx(val(one)[step], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A mixture of task families under DeepSpeed (slow)
+
+
+@pytest.mark.slow
+def test_a_mixture_is_logged_and_resumes_exactly(tmp_path):
+    shards = tmp_path / "shards"
+    write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2), family="understanding")
+    write_shards(shards, n_samples=8, n_shards=2, dim=DIM, frames=(3, 6), pairs=(1, 1), family="captioning", seed=2)
+    settings = {"data.mixture": {"understanding": 1.0, "captioning": 1.0}, "optim.max_steps": 10, "save_every": 2,
+                "data.num_workers": 1, "export": False}
+    straight = tmp_path / "straight"
+    result = run_train(straight, shards, **settings)
+    assert "train: realised mixture over the 40 examples of this run: captioning" in result.stdout
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(m["mixture"]) == {"understanding", "captioning"} for m in lines)
+    killed = tmp_path / "killed"
+    kill_when_logged([sys.executable, "-m", "llark.train"] + train_args(killed, shards, **settings),
+                     killed / "metrics.jsonl", 5)
+    run_train(killed, shards, **settings)
+    assert losses(killed) == losses(straight)

@@ -67,6 +67,21 @@ class DataSection(_Section):
     pad_to_multiple_of: int = Field(8, ge=1)
     questions: str | None = Field(None, description="a regular expression: train only on Q/A pairs whose "
                                   "question matches it (case-insensitive); None: all pairs")
+    mixture: dict[Literal["understanding", "captioning", "reasoning"], float] | None = Field(
+        None, description="sampling weight per task family, whatever its size (e.g. {understanding: 2, "
+        "reasoning: 0.5}): each example is drawn from a family with probability weight / sum; None: the shards "
+        "as they come")
+
+    @field_validator("mixture")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one family's weight, or leave it unset")
+            bad = {k: w for k, w in value.items() if not w > 0}
+            if bad:
+                raise ValueError(f"weights must be > 0, got {bad}")
+        return value
 
     @field_validator("questions")
     @classmethod
@@ -145,6 +160,10 @@ class TrainConfig(_Section):
                                  "sdpa needs nothing")
         if self.model.quantization and self.model.mode != "lora":
             raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        d = self.data
+        if d.mixture and d.task_families and not set(d.mixture) <= set(d.task_families):
+            raise ValueError(f"data.mixture weighs {sorted(set(d.mixture) - set(d.task_families))}, which "
+                             f"data.task_families ({d.task_families}) leaves out")
         if self.stages:
             from llark.train.stages import stage_configs
 

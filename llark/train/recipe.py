@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ class TrainRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.best_val_loss = math.inf
+        self.mixture_drawn: Counter = Counter()  # examples drawn per family in this process's run
         self.writer = None
         self.wandb = None
 
@@ -83,7 +85,9 @@ class TrainRecipe:
         from llark.model import LlarkConfig
 
         cfg = self.cfg
-        self.shards = open_shards(cfg.data.shards, cfg.data.split, cfg.data.task_families)
+        families = sorted(cfg.data.mixture) if cfg.data.mixture else cfg.data.task_families
+        self.shards = open_shards(cfg.data.shards, cfg.data.split, families)
+        self.mixture_shards = {f: open_shards(cfg.data.shards, cfg.data.split, [f]) for f in cfg.data.mixture or {}}
         self.validation_shards = None
         if cfg.validation.every:
             from pipeline.encoders import describe_differences, manifest_differences
@@ -228,20 +232,25 @@ class TrainRecipe:
 
     def _setup_data(self, positions: LoaderState | None) -> None:
         """This rank's share of the shards, from the resumed position if any."""
-        from llark.data import ExampleEncoder, LoaderState, ShardStream, StreamSettings, make_loader
+        from dataclasses import replace
+
+        from llark.data import ExampleEncoder, LoaderState, MixtureStream, ShardStream, StreamSettings, make_loader
 
         cfg, d, model = self.cfg, self.cfg.data, self.model
-        stream = ShardStream(self.shards.urls, ExampleEncoder(self.formatter, model.projector.in_features,
-                                                              d.max_seq_len, model.config.system_prompt,
-                                                              model.config.frame_pool),
-                             StreamSettings(
-                                 micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
-                                 rank=self.rank, world_size=self.world_size, num_workers=d.num_workers,
-                                 group_shards=d.group_shards, buffer_size=d.shuffle_buffer,
-                                 conversation=d.conversation, on_bad_sample=d.on_bad_sample, on_too_long=d.on_too_long,
-                                 pad_to_multiple_of=d.pad_to_multiple_of, questions=d.questions,
-                                 start=positions.positions if positions else {},
-                                 rotation=positions.rotation if positions else 0))
+        encode = ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len, model.config.system_prompt,
+                                model.config.frame_pool)
+        settings = StreamSettings(
+            micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, rank=self.rank,
+            world_size=self.world_size, num_workers=d.num_workers, group_shards=d.group_shards,
+            buffer_size=d.shuffle_buffer, conversation=d.conversation, on_bad_sample=d.on_bad_sample,
+            on_too_long=d.on_too_long, pad_to_multiple_of=d.pad_to_multiple_of, questions=d.questions,
+            start=positions.positions if positions else {}, rotation=positions.rotation if positions else 0)
+        if d.mixture:
+            families = {f: ShardStream(s.urls, encode, replace(settings, start={}))
+                        for f, s in self.mixture_shards.items()}
+            stream = MixtureStream(families, dict(d.mixture), settings)
+        else:
+            stream = ShardStream(self.shards.urls, encode, settings)
         self.loader_state = positions or LoaderState(d.num_workers)
         self.loader = make_loader(stream)
         if self.validation_shards is not None:
@@ -327,6 +336,7 @@ class TrainRecipe:
                 window["skipped"] += batch["skipped"]
                 window["too_long"] += batch["too_long"]
                 window["dropped_turns"] += batch["dropped_turns"]
+                window["mixture"].update(batch.get("mixture") or {})
             self.step += 1
             if self.retained_heap and self.retained_heap.after_step():
                 print(f"train: rank {self.rank}: the heap grew at each of the last {self.retained_heap.patience} "
@@ -397,10 +407,14 @@ class TrainRecipe:
 
         # One all-reduce: the per-token mean loss (each rank holds its share of it) and summed
         # tokens/samples over ranks.
+        families = sorted(self.cfg.data.mixture or {})
         totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
-                               window["skipped"], window["too_long"], window["dropped_turns"]],
+                               window["skipped"], window["too_long"], window["dropped_turns"],
+                               *(window["mixture"][f] for f in families)],
                               dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
+        drawn = {f: int(n) for f, n in zip(families, totals[6:].tolist())}
+        self.mixture_drawn.update(drawn)
         loss = totals[0].item()
         o = self.cfg.optim
         multiplier = lr_multiplier(self.step - 1, o.warmup_steps, o.max_steps, o.min_lr_ratio)
@@ -411,6 +425,8 @@ class TrainRecipe:
             "skipped_samples": int(totals[3].item()), "too_long_samples": int(totals[4].item()),
             "dropped_turns": int(totals[5].item()),
         }
+        if families:
+            metrics["mixture"] = {f: n / max(1, sum(drawn.values())) for f, n in drawn.items()}
         if self.cfg.stage is not None:
             metrics["stage"] = self.cfg.stage
         if not self.is_main:
@@ -423,7 +439,8 @@ class TrainRecipe:
                     self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
             self.writer.flush()
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k not in ("step", "stage")}, step=self.step)
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k not in ("step", "stage", "mixture")}
+                           | {f"mixture/{k}": v for k, v in metrics.get("mixture", {}).items()}, step=self.step)
         gn = metrics["grad_norm"]
         lr = (f"lr {metrics['lr']:.3e}" if self.cfg.model.mode != "projector" else "")
         if self.cfg.model.mode == "projector" or o.projector_lr:
@@ -433,7 +450,16 @@ class TrainRecipe:
                     f"{metrics['samples_per_s']:.2f} samples/s" + "".join(
                         f"; {metrics[k]} {words}" for k, words in (
                             ("skipped_samples", "bad samples skipped"), ("too_long_samples", "samples over max_seq_len "
-                             "skipped"), ("dropped_turns", "turns dropped to fit max_seq_len")) if metrics[k]))
+                             "skipped"), ("dropped_turns", "turns dropped to fit max_seq_len")) if metrics[k])
+                    + (f"; mixture {self._describe_mixture(drawn)}" if families else ""))
+        if families and self.step == o.max_steps:
+            self._print(f"train: realised mixture over the {sum(self.mixture_drawn.values()):,} examples of this run: "
+                        + self._describe_mixture(self.mixture_drawn))
+
+    def _describe_mixture(self, drawn: dict[str, int]) -> str:
+        asked = self.cfg.data.mixture or {}
+        total, weights = max(1, sum(drawn.values())), sum(asked.values())
+        return ", ".join(f"{f} {drawn.get(f, 0) / total:.1%} (asked {asked[f] / weights:.1%})" for f in sorted(asked))
 
     def _print(self, message: str) -> None:
         if self.is_main:
@@ -538,7 +564,8 @@ class TrainRecipe:
 
 
 def _new_window() -> dict[str, Any]:
-    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0, "too_long": 0, "dropped_turns": 0}
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0, "too_long": 0, "dropped_turns": 0,
+            "mixture": Counter()}
 
 
 def _float(x) -> float | None:
