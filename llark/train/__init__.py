@@ -13,7 +13,10 @@ The defaults are the paper's (section 5 and appendix J): AdamW (0.9, 0.999), eps
 decay, cosine schedule with 3,000 warmup steps to 5e-5, 100k steps, global batch 32
 (= micro_batch x grad_accum x world size), bf16 + TF32, loss on the answers only; the projector
 and the whole LM are trained (``model.mode``: ``projector`` freezes the LM, ``lora`` trains PEFT
-adapters, with ``model.quantization: 4bit`` for QLoRA on one GPU).
+adapters, with ``model.quantization: 4bit`` for QLoRA on one GPU). Any Hugging Face chat LM can be
+the backbone (its chat template's traits are read from it: llark/model/chat_template.py); ``stages:``
+runs several stages in turn (llark/train/stages.py), ``data.mixture`` weighs the task families and
+``validation.every`` logs a held-out loss (llark/train/validation.py).
 
 The recipe: ``__init__`` validates the config, ``setup`` builds the parts in dependency order,
 ``train`` runs the loop, ``save_checkpoint`` writes an exactly resumable checkpoint (weights,
@@ -29,8 +32,9 @@ from llark.train.config import (
     DataSection, LoraSection, ModelSection, OptimSection, TrainConfig, TrainConfigError, load_config,
 )
 from llark.train.distributed import REPO_ROOT, check_shared_directory, deepspeed_config, distributed_env
-from llark.train.recipe import METRICS, TrainRecipe, main
+from llark.train.metrics import METRICS
 from llark.train.optimizer import lr_multiplier
+from llark.train.recipe import TrainRecipe, main
 
 __all__ = [
     "CHECKPOINTS", "METRICS", "REPO_ROOT", "RESUMABLE_CHANGES", "TRAINER_STATE", "DataSection", "LoraSection",

@@ -25,6 +25,7 @@ from llark.train.config import TrainConfig, TrainConfigError, check_run_settings
 from llark.train.distributed import (
     check_shared_directory, deepspeed_config, distributed_env, launcher_deepspeed_config,
 )
+from llark.train.metrics import TENSORBOARD_SCALARS, MetricsLog
 from llark.train.optimizer import lr_multiplier, parameter_groups
 from llark.train.stages import mark_stage_done, run_stages
 from pipeline.files import write_json
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llark")
 
-METRICS = "metrics.jsonl"
 
 
 class TrainRecipe:
@@ -55,8 +55,7 @@ class TrainRecipe:
         self.step = 0
         self.best_val_loss = math.inf
         self.mixture_drawn: Counter = Counter()  # examples drawn per family in this process's run
-        self.writer = None
-        self.wandb = None
+        self.metrics: MetricsLog | None = None  # rank 0's
 
     def gpu_memory_warning(self, encoder_dim: int, gpu_bytes: float) -> str | None:
         """Before any weight loads: what ``llark plan`` says of this run when it will not fit a GPU of
@@ -267,17 +266,7 @@ class TrainRecipe:
         cfg, model, manifest = self.cfg, self.model, self.shards.manifest
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "config.json", cfg.model_dump(mode="json"))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        if cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise TrainConfigError("wandb_project is set but wandb is not installed: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.model_dump(mode="json"),
-                                    dir=str(self.output_dir), resume="allow")
+        self.metrics = MetricsLog(cfg, self.output_dir)
         counts = model.trainable_counts()
         mode = cfg.model.mode + (f" (LM in {cfg.model.quantization})" if cfg.model.quantization else "")
         self._print(
@@ -382,13 +371,7 @@ class TrainRecipe:
         if best:
             self.best_val_loss = loss
         if self.is_main:
-            with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-            if self.writer is not None:
-                self.writer.add_scalar("valid/loss", loss, self.step)
-                self.writer.flush()
-            if self.wandb is not None:
-                self.wandb.log({"valid/loss": loss}, step=self.step)
+            self.metrics.write(metrics, {"valid/loss": loss})
             self._print(f"validation: step {self.step} loss {loss:.4f} over {tokens:,} answer tokens"
                         + (" (best so far)" if best else f" (best {self.best_val_loss:.4f})"))
         if best and self.cfg.validation.export_best:
@@ -431,16 +414,8 @@ class TrainRecipe:
             metrics["stage"] = self.cfg.stage
         if not self.is_main:
             return
-        with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key in ("loss", "lr", "projector_lr", "grad_norm", "tokens_per_s", "samples_per_s"):
-                if metrics[key] is not None:
-                    self.writer.add_scalar(f"train/{key}", metrics[key], self.step)
-            self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in metrics.items() if k not in ("step", "stage", "mixture")}
-                           | {f"mixture/{k}": v for k, v in metrics.get("mixture", {}).items()}, step=self.step)
+        self.metrics.write(metrics, {f"train/{k}": metrics[k] for k in TENSORBOARD_SCALARS}
+                           | {f"mixture/{k}": v for k, v in metrics.get("mixture", {}).items()})
         gn = metrics["grad_norm"]
         lr = (f"lr {metrics['lr']:.3e}" if self.cfg.model.mode != "projector" else "")
         if self.cfg.model.mode == "projector" or o.projector_lr:
@@ -551,10 +526,8 @@ class TrainRecipe:
 
     def cleanup(self, end_process_group: bool = True) -> None:
         """Close the logs; end the process group unless another stage follows in this process."""
-        if self.writer is not None:
-            self.writer.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        if self.metrics is not None:
+            self.metrics.close()
         import torch.distributed as dist
 
         if dist.is_initialized():
