@@ -197,6 +197,35 @@ class ShardSet:
     samples: int
     manifest: dict[str, Any]
     dirs: list[str]
+    entries: list[dict[str, Any]] = field(default_factory=list)  # index.json's entry of each shard, with its url
+
+
+def mixture_cells(shards: ShardSet, families: dict[str, float] | None,
+                  datasets: dict[str, float] | None) -> dict[str, tuple[list[str], float]]:
+    """The streams a mixture draws from: ``{name: (shard urls, weight)}``, one per task family
+    (``families``), per dataset (``datasets``) or per dataset and family (both; weight the product).
+    Datasets the shards hold but ``datasets`` does not name are left out; one it names that the shards
+    do not hold is refused, as are shards written before they were cut per dataset."""
+    if datasets and any("dataset" not in e for e in shards.entries):
+        raise DataConfigError("data.dataset_weights: these shards mix datasets (written before the shards stage "
+                              "cut one set per dataset); rerun `llark shards --overwrite`")
+    held = {e["dataset"] for e in shards.entries if "dataset" in e}
+    if datasets and (absent := sorted(set(datasets) - held)):
+        raise DataConfigError(f"data.dataset_weights: no shards of {absent}; the shards hold {sorted(held)}")
+    cells: dict[str, tuple[list[str], float]] = {}
+    for e in shards.entries:
+        parts, weight = [], 1.0
+        if datasets:
+            if e["dataset"] not in datasets:
+                continue
+            parts.append(e["dataset"])
+            weight *= datasets[e["dataset"]]
+        if families:
+            parts.append(e["task_family"])
+            weight *= families[e["task_family"]]
+        urls, _ = cells.setdefault("/".join(parts), ([], weight))
+        urls.append(e["url"])
+    return cells
 
 
 def open_shards(dirs: list[str], split: str = "train", families: list[str] | None = None) -> ShardSet:
@@ -206,7 +235,7 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
 
     if not dirs:
         raise DataConfigError("data.shards: give at least one shards directory")
-    urls, samples, manifest = [], 0, None
+    urls, samples, manifest, entries = [], 0, None, []
     for d in dirs:
         index_path = Path(d) / INDEX_JSON
         if not index_path.is_file():
@@ -228,11 +257,13 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
                 if not path.is_file():
                     raise DataConfigError(f"data.shards: {path} is listed in {index_path} but missing")
                 urls.append(str(path))
+                entries.append({**shard, "url": str(path)})
                 samples += int(shard["samples"])
     if not urls:
         raise DataConfigError(f"data.shards: no {split} shards" + (f" of families {families}" if families else "")
                               + f" in {dirs}")
-    return ShardSet(urls=sorted(urls), samples=samples, manifest=manifest, dirs=list(dirs))
+    return ShardSet(urls=sorted(urls), samples=samples, manifest=manifest, dirs=list(dirs),
+                    entries=sorted(entries, key=lambda e: e["url"]))
 
 
 def check_encoder(manifest: dict[str, Any], encoder_dim: int, trained_on: dict[str, Any] | None = None) -> None:
@@ -374,7 +405,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     """Collated micro-batches, each with ``worker`` (logical id) and ``position`` (after it)."""
 
     def __init__(self, urls: list[str], encode: Callable[[ShardSample, int | None], dict[str, Any]],
-                 settings: StreamSettings):
+                 settings: StreamSettings, share_shards: bool = False):
+        """``share_shards``: with fewer shards than workers, every worker reads them all and keeps its
+        share of the samples (a small dataset in a mixture), instead of being refused."""
         super().__init__()
         s = settings
         if s.conversation not in CONVERSATIONS:
@@ -382,7 +415,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if s.on_bad_sample not in ("error", "skip"):
             raise DataConfigError(f"data.on_bad_sample must be 'error' or 'skip', got {s.on_bad_sample!r}")
         workers = max(1, s.num_workers)
-        if len(urls) < s.world_size * workers:
+        self.shared = share_shards and len(urls) < s.world_size * workers
+        if len(urls) < s.world_size * workers and not self.shared:
             raise DataConfigError(
                 f"{len(urls)} shards for {s.world_size} ranks x {workers} loader workers: every worker needs at "
                 "least one shard. Use fewer data.num_workers, or write smaller shards (llark shards --shard-samples)"
@@ -391,11 +425,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._told_too_long = False
         self.questions = compile_question_filter(s.questions)
 
-    def _units(self, epoch: int, group: int, shard_ids: list[int], worker: int) -> Iterator[tuple[ShardSample, int | None]]:
-        """One group's examples, in its shuffled order (a pure function of its arguments and the seed)."""
+    def _units(self, epoch: int, group: int, shard_ids: list[int], worker: int,
+               stride: tuple[int, int] | None = None) -> Iterator[tuple[ShardSample, int | None]]:
+        """One group's examples, in its shuffled order (a pure function of its arguments and the seed).
+        With ``stride = (g, G)`` every worker reads the same shards in the same interleaved order and
+        keeps the samples ``g, g + G, ...`` of it (a stream with fewer shards than workers)."""
         rng = np.random.default_rng([self.s.seed, epoch, worker, group, 1])
+        interleave = rng if stride is None else np.random.default_rng([self.s.seed, epoch, group, 2])
         streams = [iter_shard(self.urls[i]) for i in shard_ids]
         buffer: list[tuple[ShardSample, int | None]] = []
+        read = 0
 
         def pop():
             i = int(rng.integers(len(buffer)))
@@ -403,11 +442,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             return buffer.pop()
 
         while streams:
-            j = int(rng.integers(len(streams)))
+            j = int(interleave.integers(len(streams)))
             try:
                 raw = next(streams[j])
             except StopIteration:
                 streams.pop(j)
+                continue
+            read += 1
+            if stride is not None and (read - 1) % stride[1] != stride[0]:
                 continue
             try:
                 sample = read_sample(raw)
@@ -436,11 +478,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         workers = max(1, s.num_workers)
         g, G = s.rank * workers + worker, s.world_size * workers
         pos = Position(**(start or {}))
+        stride = (g, G) if self.shared else None
         while s.epochs is None or pos.epoch < s.epochs:
-            shard_ids = worker_shards(len(self.urls), pos.epoch, s.seed, g, G)
+            shard_ids = worker_shards(len(self.urls), pos.epoch, s.seed, 0 if stride else g, 1 if stride else G)
             groups = [shard_ids[i:i + s.group_shards] for i in range(0, len(shard_ids), s.group_shards)]
             while pos.group < len(groups):
-                for n, (sample, pair) in enumerate(self._units(pos.epoch, pos.group, groups[pos.group], g)):
+                for n, (sample, pair) in enumerate(self._units(pos.epoch, pos.group, groups[pos.group], g, stride)):
                     if n < pos.offset:
                         continue
                     pos.offset = n + 1

@@ -29,7 +29,9 @@ saved it (``[frames, dim]``, float16 or float32, ``.npy`` format, no pickles), a
      "instructions": {"id", "backend", "model", "prompt_version"},
      "encoding": {"encoder", "layer", "frame_rate_hz", "frames", "dim", "dtype"}}
 
-Shards: one set per split and task family, named ``{name}-{split}-{family}-{encoder}-{000000}.tar``.
+Shards: one set per split, task family and dataset, named
+``{name}-{split}-{family}-{dataset}-{encoder}-{000000}.tar`` (so that training can weigh datasets
+and families without reading what it leaves out).
 Within a set, samples are shuffled by a seeded generator (the same seed gives the same shards, in
 any input order) and cut into shards of at most ``shard_bytes`` (default 1 GB: about 400 Jukebox
 samples of 250 × 4800 float16). Tar members have fixed metadata (mtime 0, uid/gid 0, mode 0644), so
@@ -39,8 +41,8 @@ the same inputs give byte-identical shards. Writing a shard is the runner's per-
 million samples keeps no million documents in memory).
 
 Beside the shards: ``encoder.json`` (copied from the embeddings; a different one already there
-is refused before any work), ``index.json`` (every shard with its split, family, sample count and
-size, and the totals: what training reads to know the dataset's size; written only when every
+is refused before any work), ``index.json`` (every shard with its split, family, dataset, sample
+count and size, and the totals: what training reads to know the dataset's size; written only when every
 planned shard was written; a planned shard whose every sample was refused is not written),
 ``missing.jsonl``, and the runner's ``shards.jsonl`` and ``shards.errors.jsonl``.
 """
@@ -85,8 +87,8 @@ _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-[a-z]+-[a-z]+-.+-\d{6}\.tar$")
 _DIRECTORY_FILES = {ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL, SAMPLES_JSONL}
 
 
-def shard_stem(name: str, split: str, family: str, encoder: str, index: int) -> str:
-    return f"{name}-{split}-{family}-{encoder}-{index:06d}"
+def shard_stem(name: str, split: str, family: str, dataset: str, encoder: str, index: int) -> str:
+    return f"{name}-{split}-{family}-{dataset}-{encoder}-{index:06d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +161,9 @@ class Missing:
 
 @dataclass
 class Join:
-    """Samples by (split, family), and what could not be joined."""
+    """Samples by (split, family, dataset), and what could not be joined."""
 
-    samples: dict[tuple[str, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
+    samples: dict[tuple[str, str, str], list[dict]] = field(default_factory=lambda: defaultdict(list))
     missing: list[Missing] = field(default_factory=list)
     clips_without_families: int = 0
 
@@ -259,7 +261,7 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
         payload = json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8")
         offset = samples_out.tell()
         samples_out.write(payload + b"\n")
-        join.samples[(clip["split"], family)].append({
+        join.samples[(clip["split"], family, clip["dataset"])].append({
             "key": instruction.id, "embedding_path": str(path), "frames": int(embedding.get("frames", 0)),
             "bytes": path.stat().st_size + len(payload), "json_offset": offset, "json_length": len(payload),
             "json_sha1": hashlib.sha1(payload).hexdigest(),
@@ -277,10 +279,10 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
 
 
 def plan_shards(join: Join, settings: "ShardSettings") -> list[dict]:
-    """Shuffle each (split, family) set with its own seeded generator and cut it into shards."""
+    """Shuffle each (split, family, dataset) set with its own seeded generator and cut it into shards."""
     plan = []
-    for (split, family) in sorted(join.samples):
-        samples = sorted(join.samples[(split, family)], key=lambda s: s["key"])
+    for (split, family, dataset) in sorted(join.samples):
+        samples = sorted(join.samples[(split, family, dataset)], key=lambda s: s["key"])
         digest = hashlib.sha256(f"{settings.seed}:{split}:{family}".encode()).digest()
         random.Random(int.from_bytes(digest[:8], "big")).shuffle(samples)
         shards: list[list[dict]] = [[]]
@@ -295,10 +297,10 @@ def plan_shards(join: Join, settings: "ShardSettings") -> list[dict]:
             shards[-1].append(sample)
             size += sample_bytes
         for index, members in enumerate(shards):
-            stem = shard_stem(settings.name, split, family, settings.encoder, index)
+            stem = shard_stem(settings.name, split, family, dataset, settings.encoder, index)
             plan.append({
                 "id": stem, "path": str(Path(settings.out_dir) / f"{stem}.tar"), "split": split,
-                "task_family": family,
+                "task_family": family, "dataset": dataset,
                 "samples": [{k: s[k] for k in ("key", "embedding_path", "frames", "json_offset", "json_length",
                                                "json_sha1")} for s in members],
             })
@@ -363,7 +365,8 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
                 written += 1
     return {
         "id": row["id"], "file": path.name if written else None, "split": row["split"],
-        "task_family": row["task_family"], "samples": written, "bytes": path.stat().st_size if written else 0,
+        "task_family": row["task_family"], "dataset": row["dataset"], "samples": written,
+        "bytes": path.stat().st_size if written else 0,
         "skipped": skipped,
     }
 
@@ -425,7 +428,9 @@ def prepare_shards_dir(out_dir: Path, embeddings_dir: Path) -> dict[str, Any]:
 
 
 def _remove_stale_shards(out_dir: Path, settings: ShardSettings, planned: set[str]) -> None:
-    pattern = re.compile(rf"^{re.escape(settings.name)}-[a-z]+-[a-z]+-{re.escape(settings.encoder)}-\d{{6}}\.tar$")
+    # Shards of this name and encoder, with a dataset in the name (this version) or without (earlier ones).
+    pattern = re.compile(rf"^{re.escape(settings.name)}-[a-z]+-[a-z]+(-[A-Za-z0-9_-]+)?-{re.escape(settings.encoder)}"
+                         r"-\d{6}\.tar$")
     for path in out_dir.glob("*.tar"):
         if pattern.match(path.name) and path.name not in planned:
             log.info("shards: removing %s, which this plan no longer has", path)
@@ -512,7 +517,7 @@ def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manife
     index_path = out_dir / INDEX_JSON
     if complete:
         _remove_stale_shards(out_dir, settings, {w["file"] for w in written.values() if w["file"]})
-        shards = [{k: written[row["id"]][k] for k in ("file", "split", "task_family", "samples", "bytes")}
+        shards = [{k: written[row["id"]][k] for k in ("file", "split", "task_family", "dataset", "samples", "bytes")}
                   for row in plan if written[row["id"]]["samples"]]
         totals: dict[str, dict[str, dict[str, int]]] = defaultdict(dict)
         for shard in shards:

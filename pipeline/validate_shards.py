@@ -141,6 +141,8 @@ def _check_sample(shard: str, key: str, members: dict[str, tuple[int, bytes]], m
     for field_name in ("split", "task_family"):
         if expected.get(field_name) and getattr(sample, field_name) != expected[field_name]:
             mismatches.append(f"{field_name} {getattr(sample, field_name)!r} in a {expected[field_name]!r} shard")
+    if expected.get("dataset") and sample.clip.get("dataset") != expected["dataset"]:
+        mismatches.append(f"clip.dataset {sample.clip.get('dataset')!r} in a {expected['dataset']!r} shard")
     encoding = sample.encoding
     for field_name, manifest_key in (("encoder", "name"), ("layer", "layer"), ("dim", "dim"), ("dtype", "dtype"),
                                      ("frame_rate_hz", "frame_rate_hz")):
@@ -237,7 +239,7 @@ def validate_shards(shards_dir: str | os.PathLike, workers: int | None = None) -
         if not path.is_file():
             report.problems.append(Problem(entry["file"], "missing_shard", "listed in index.json but not there"))
             continue
-        jobs.append((str(path), manifest, {k: entry[k] for k in ("split", "task_family", "samples") if k in entry}))
+        jobs.append((str(path), manifest, {k: entry[k] for k in ("split", "task_family", "dataset", "samples") if k in entry}))
     names = {entry["file"] for entry in listed}
     for path in sorted(shards_dir.glob("*.tar")):
         if path.name not in names:

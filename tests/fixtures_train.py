@@ -132,7 +132,7 @@ def encoder_manifest(dim: int, name: str = "features", dtype: str = "float16") -
 
 def write_shards(out_dir: Path, n_samples: int = 40, n_shards: int = 4, dim: int = 16, frames: tuple = (3, 9),
                  pairs: tuple = (1, 3), seed: int = 0, dtype: str = "float16", split: str = "train",
-                 family: str = "understanding", name: str = "fixture") -> dict[str, dict]:
+                 family: str = "understanding", name: str = "fixture", dataset: str = "demo") -> dict[str, dict]:
     """Shards in the shards stage's layout; returns ``{key: {"pairs", "audio"}}`` for the samples written."""
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
@@ -155,7 +155,7 @@ def write_shards(out_dir: Path, n_samples: int = 40, n_shards: int = 4, dim: int
                 buf = io.BytesIO()
                 np.save(buf, samples[key]["audio"], allow_pickle=False)
                 meta = {"key": key, "clip_id": key.rsplit("-", 1)[0], "task_family": family, "split": split,
-                        "clip": {"id": key.rsplit("-", 1)[0], "dataset": "demo", "split": split},
+                        "clip": {"id": key.rsplit("-", 1)[0], "dataset": dataset, "split": split},
                         "pairs": samples[key]["pairs"],
                         "instructions": {"id": key, "backend": "template", "model": None, "prompt_version": "1"},
                         "encoding": {"encoder": "features", "layer": None, "frame_rate_hz": 10.0,
@@ -164,8 +164,8 @@ def write_shards(out_dir: Path, n_samples: int = 40, n_shards: int = 4, dim: int
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        shards.append({"file": file, "split": split, "task_family": family, "samples": len(members),
-                       "bytes": (out_dir / file).stat().st_size})
+        shards.append({"file": file, "split": split, "task_family": family, "dataset": dataset,
+                       "samples": len(members), "bytes": (out_dir / file).stat().st_size})
     (out_dir / "encoder.json").write_text(json.dumps(encoder_manifest(dim, dtype=dtype)))
     index_path = out_dir / "index.json"
     if index_path.is_file():  # shards of another split or family in the same directory: one index lists them all

@@ -410,3 +410,45 @@ def test_mixture_settings_are_checked_when_the_config_is_read():
         load_config(None, {"data.mixture": {"reasoning": 1.0}, "data.task_families": ["understanding"]})
     with pytest.raises(TrainConfigError, match=r"data.mixture"):
         load_config(None, {"data.mixture": {"lyrics": 1.0}})
+
+
+def test_a_stream_with_fewer_shards_than_workers_shares_them_out_when_asked(tokenizer, two_families):
+    urls = open_shards([str(two_families / "captioning")]).urls  # 2 shards, 8 samples
+    encode = ExampleEncoder(ChatFormatter(tokenizer), DIM, 512, system_prompt=None)
+    settings = StreamSettings(micro_batch=1, pad_id=tokenizer.pad_token_id, num_workers=2, world_size=2, rank=0,
+                              epochs=1, buffer_size=4)
+    with pytest.raises(DataConfigError, match="2 shards for 2 ranks x 2 loader workers"):
+        ShardStream(urls, encode, settings)
+    keys = []
+    for rank in (0, 1):
+        stream = ShardStream(urls, encode, StreamSettings(**{**settings.__dict__, "rank": rank}), share_shards=True)
+        for worker in (0, 1):
+            keys.append([k for b in stream.worker_stream(worker) for k in b["keys"]])
+    assert all(keys) and sorted(k for ks in keys for k in ks) == sorted(f"clip{i:04d}-captioning" for i in range(8))
+
+
+def test_mixture_streams_per_dataset_and_family(tmp_path):
+    from llark.data import mixture_cells
+
+    for dataset, n in (("fma", 8), ("musiccaps", 4)):
+        write_shards(tmp_path / dataset, n_samples=n, n_shards=2, dim=DIM, family="understanding", name=dataset,
+                     dataset=dataset)
+        write_shards(tmp_path / dataset, n_samples=n, n_shards=1, dim=DIM, family="captioning", name=dataset,
+                     dataset=dataset)
+    shards = open_shards([str(tmp_path / "fma"), str(tmp_path / "musiccaps")])
+    cells = mixture_cells(shards, {"understanding": 2.0, "captioning": 1.0}, {"fma": 1.0, "musiccaps": 3.0})
+    assert {k: (len(urls), w) for k, (urls, w) in cells.items()} == {
+        "fma/understanding": (2, 2.0), "fma/captioning": (1, 1.0),
+        "musiccaps/understanding": (2, 6.0), "musiccaps/captioning": (1, 3.0)}
+    assert set(mixture_cells(shards, None, {"musiccaps": 1.0})) == {"musiccaps"}  # fma left out
+    assert {k: len(u) for k, (u, _) in mixture_cells(shards, {"captioning": 1.0, "understanding": 1.0}, None).items()} \
+        == {"captioning": 2, "understanding": 4}
+    with pytest.raises(DataConfigError, match=r"no shards of \['gtzan'\]"):
+        mixture_cells(shards, None, {"gtzan": 1.0})
+    plain = tmp_path / "plain"  # an index.json written before shards were cut per dataset
+    write_shards(plain, n_samples=4, n_shards=1, dim=DIM)
+    index = json.loads((plain / "index.json").read_text())
+    (plain / "index.json").write_text(json.dumps({**index, "shards": [
+        {k: v for k, v in e.items() if k != "dataset"} for e in index["shards"]]}))
+    with pytest.raises(DataConfigError, match="these shards mix datasets"):
+        mixture_cells(open_shards([str(plain)]), None, {"demo": 1.0})

@@ -132,10 +132,11 @@ def test_shards_read_back_with_webdataset(inputs):
         assert meta["pairs"][0]["question"].startswith("q0 about") and meta["instructions"]["prompt_version"] == "v1"
         assert Path(sample["__url__"]).name.split("-")[1:3] == [meta["split"], meta["task_family"]]
     names = sorted(s["file"] for s in index["shards"])
-    assert names == [f"llark-{s}-{f}-testenc-000000.tar" for s, f in [
+    assert names == [f"llark-{s}-{f}-fixture-testenc-000000.tar" for s, f in [
         ("train", "captioning"), ("train", "reasoning"), ("train", "understanding"),
         ("valid", "captioning"), ("valid", "reasoning"), ("valid", "understanding")]]
     assert index["splits"]["train"]["understanding"] == {"shards": 1, "samples": 8}
+    assert {s["dataset"] for s in index["shards"]} == {"fixture"}  # one shard set per dataset too
     assert json.loads((inputs / "shards" / "encoder.json").read_text()) == MANIFEST
 
 
@@ -223,6 +224,14 @@ def test_good_shards_validate(shards):
     report = validate_shards(shards, workers=2)
     index = json.loads((shards / INDEX_JSON).read_text())
     assert report.ok and report.samples == index["total_samples"] and report.shards == len(index["shards"])
+
+
+def test_a_sample_of_another_dataset_than_its_shards_is_reported(shards):
+    index = json.loads((shards / INDEX_JSON).read_text())
+    index["shards"][0]["dataset"] = "gtzan"
+    (shards / INDEX_JSON).write_text(json.dumps(index))
+    report = validate_shards(shards, workers=1)
+    assert any("clip.dataset 'fixture' in a 'gtzan' shard" in p.message for p in report.problems), report.problems
 
 
 def test_a_truncated_tar_is_reported_with_its_shard_and_offset(shards):

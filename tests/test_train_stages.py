@@ -117,16 +117,23 @@ def test_validation_loss_is_logged_is_the_same_on_two_ranks_and_exports_the_best
 
 @pytest.mark.slow
 def test_a_mixture_is_logged_and_resumes_exactly(tmp_path):
+    """Families and datasets weighed together; musiccaps' understanding set has one shard for the two
+    loader workers, which share it out."""
     shards = tmp_path / "shards"
-    write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2), family="understanding")
-    write_shards(shards, n_samples=8, n_shards=2, dim=DIM, frames=(3, 6), pairs=(1, 1), family="captioning", seed=2)
-    settings = {"data.mixture": {"understanding": 1.0, "captioning": 1.0}, "optim.max_steps": 10, "save_every": 2,
-                "data.num_workers": 1, "export": False}
+    for dataset, family, n, n_shards in (("fma", "understanding", 24, 4), ("musiccaps", "understanding", 6, 1),
+                                         ("musiccaps", "captioning", 8, 2)):
+        write_shards(shards, n_samples=n, n_shards=n_shards, dim=DIM, frames=(3, 6), pairs=(1, 2), family=family,
+                     name=dataset, dataset=dataset, seed=n)
+    settings = {"data.mixture": {"understanding": 1.0, "captioning": 1.0},
+                "data.dataset_weights": {"fma": 1.0, "musiccaps": 2.0}, "optim.max_steps": 10, "save_every": 2,
+                "data.num_workers": 2, "export": False}
     straight = tmp_path / "straight"
     result = run_train(straight, shards, **settings)
-    assert "train: realised mixture over the 40 examples of this run: captioning" in result.stdout
+    assert ("train: realised mixture over the 40 examples of this run: fma/understanding" in result.stdout
+            and "musiccaps/captioning" in result.stdout and "(asked 40.0%)" in result.stdout), result.stdout[-2000:]
     lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert all(set(m["mixture"]) == {"understanding", "captioning"} for m in lines)
+    assert all(set(m["mixture"]) == {"fma/understanding", "musiccaps/understanding", "musiccaps/captioning"}
+               for m in lines)
     killed = tmp_path / "killed"
     kill_when_logged([sys.executable, "-m", "llark.train"] + train_args(killed, shards, **settings),
                      killed / "metrics.jsonl", 5)

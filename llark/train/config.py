@@ -72,7 +72,12 @@ class DataSection(_Section):
         "reasoning: 0.5}): each example is drawn from a family with probability weight / sum; None: the shards "
         "as they come")
 
-    @field_validator("mixture")
+    dataset_weights: dict[str, float] | None = Field(
+        None, description="sampling weight per dataset, whatever its size (e.g. {musiccaps: 1, fma: 2}); datasets "
+        "the shards hold but this leaves out are not trained on; with data.mixture too, a (dataset, family) "
+        "weighs the product of the two")
+
+    @field_validator("mixture", "dataset_weights")
     @classmethod
     def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is not None:

@@ -54,7 +54,7 @@ class TrainRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
         self.best_val_loss = math.inf
-        self.mixture_drawn: Counter = Counter()  # examples drawn per family in this process's run
+        self.mixture_drawn: Counter = Counter()  # examples drawn per mixture stream in this process's run
         self.metrics: MetricsLog | None = None  # rank 0's
 
     def gpu_memory_warning(self, encoder_dim: int, gpu_bytes: float) -> str | None:
@@ -80,13 +80,14 @@ class TrainRecipe:
 
     def _check_data(self) -> None:
         """The shards exist and their encoder fits the projector: refused here, before any weight loads."""
-        from llark.data import check_encoder, open_shards
+        from llark.data import check_encoder, mixture_cells, open_shards
         from llark.model import LlarkConfig
 
         cfg = self.cfg
-        families = sorted(cfg.data.mixture) if cfg.data.mixture else cfg.data.task_families
-        self.shards = open_shards(cfg.data.shards, cfg.data.split, families)
-        self.mixture_shards = {f: open_shards(cfg.data.shards, cfg.data.split, [f]) for f in cfg.data.mixture or {}}
+        d = cfg.data
+        self.shards = open_shards(d.shards, d.split, sorted(d.mixture) if d.mixture else d.task_families)
+        self.mixture = mixture_cells(self.shards, d.mixture, d.dataset_weights) if (
+            d.mixture or d.dataset_weights) else {}
         self.validation_shards = None
         if cfg.validation.every:
             from pipeline.encoders import describe_differences, manifest_differences
@@ -244,10 +245,10 @@ class TrainRecipe:
             buffer_size=d.shuffle_buffer, conversation=d.conversation, on_bad_sample=d.on_bad_sample,
             on_too_long=d.on_too_long, pad_to_multiple_of=d.pad_to_multiple_of, questions=d.questions,
             start=positions.positions if positions else {}, rotation=positions.rotation if positions else 0)
-        if d.mixture:
-            families = {f: ShardStream(s.urls, encode, replace(settings, start={}))
-                        for f, s in self.mixture_shards.items()}
-            stream = MixtureStream(families, dict(d.mixture), settings)
+        if self.mixture:
+            cells = {name: ShardStream(urls, encode, replace(settings, start={}), share_shards=True)
+                     for name, (urls, _) in self.mixture.items()}
+            stream = MixtureStream(cells, {name: w for name, (_, w) in self.mixture.items()}, settings)
         else:
             stream = ShardStream(self.shards.urls, encode, settings)
         self.loader_state = positions or LoaderState(d.num_workers)
@@ -390,7 +391,7 @@ class TrainRecipe:
 
         # One all-reduce: the per-token mean loss (each rank holds its share of it) and summed
         # tokens/samples over ranks.
-        families = sorted(self.cfg.data.mixture or {})
+        families = sorted(self.mixture)  # the mixture's streams: families, datasets or both
         totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
                                window["skipped"], window["too_long"], window["dropped_turns"],
                                *(window["mixture"][f] for f in families)],
@@ -432,7 +433,7 @@ class TrainRecipe:
                         + self._describe_mixture(self.mixture_drawn))
 
     def _describe_mixture(self, drawn: dict[str, int]) -> str:
-        asked = self.cfg.data.mixture or {}
+        asked = {name: weight for name, (_, weight) in self.mixture.items()}
         total, weights = max(1, sum(drawn.values())), sum(asked.values())
         return ", ".join(f"{f} {drawn.get(f, 0) / total:.1%} (asked {asked[f] / weights:.1%})" for f in sorted(asked))
 
