@@ -4,7 +4,7 @@
 
 Shards of three families of very different sizes (understanding 400 samples, captioning 40, reasoning
 120) are written to a temporary directory with a tokenizer trained there; the training loader's
-mixture stream (``llark.data.MixtureStream``) draws ``--samples`` examples for each weight setting
+mixture stream (``llark.mixture.MixtureStream``) draws ``--samples`` examples for each weight setting
 (one loader worker of one rank), and the shares drawn are printed beside the shares asked. Prints
 figures; asserts nothing.
 """
@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     from fixtures_train import tiny_lm_dir, write_shards
 
-    from llark.data import ExampleEncoder, MixtureStream, ShardStream, StreamSettings, open_shards
+    from llark.data import ExampleEncoder, ShardStream, StreamSettings, open_shards
+    from llark.mixture import MixtureStream
     from llark.model import ChatFormatter, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_lm_dir())

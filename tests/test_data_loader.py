@@ -363,7 +363,7 @@ def two_families(tmp_path_factory):
 
 
 def mixture_stream(tokenizer, root, weights, **kw):
-    from llark.data import MixtureStream
+    from llark.mixture import MixtureStream
 
     encode = ExampleEncoder(ChatFormatter(tokenizer), DIM, 512, system_prompt=None)
     settings = StreamSettings(**{"micro_batch": 4, "pad_id": tokenizer.pad_token_id, "group_shards": 2,
@@ -428,7 +428,7 @@ def test_a_stream_with_fewer_shards_than_workers_shares_them_out_when_asked(toke
 
 
 def test_mixture_streams_per_dataset_and_family(tmp_path):
-    from llark.data import mixture_cells
+    from llark.mixture import mixture_cells
 
     for dataset, n in (("fma", 8), ("musiccaps", 4)):
         write_shards(tmp_path / dataset, n_samples=n, n_shards=2, dim=DIM, family="understanding", name=dataset,

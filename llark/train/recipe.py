@@ -80,7 +80,8 @@ class TrainRecipe:
 
     def _check_data(self) -> None:
         """The shards exist and their encoder fits the projector: refused here, before any weight loads."""
-        from llark.data import check_encoder, mixture_cells, open_shards
+        from llark.data import check_encoder, open_shards
+        from llark.mixture import mixture_cells
         from llark.model import LlarkConfig
 
         cfg = self.cfg
@@ -234,7 +235,8 @@ class TrainRecipe:
         """This rank's share of the shards, from the resumed position if any."""
         from dataclasses import replace
 
-        from llark.data import ExampleEncoder, LoaderState, MixtureStream, ShardStream, StreamSettings, make_loader
+        from llark.data import ExampleEncoder, LoaderState, ShardStream, StreamSettings, make_loader
+        from llark.mixture import MixtureStream
 
         cfg, d, model = self.cfg, self.cfg.data, self.model
         encode = ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len, model.config.system_prompt,
