@@ -82,8 +82,10 @@ def stage_configs(cfg: "TrainConfig") -> list["TrainConfig"]:
                              "the run's own model.init_from is the first stage's start)")
         merged = _merge(base, stage)
         directory = stage_dir(cfg, index, name)
-        merged.update(stage=name, output_dir=str(directory), resume="auto", export=True,
-                      export_dir=str(Path(cfg.output_dir) / "final") if index + 1 == len(cfg.stages) else None)
+        last = index + 1 == len(cfg.stages)
+        # Every stage but the last exports: the next one starts from it.
+        merged.update(stage=name, output_dir=str(directory), resume="auto", export=cfg.export if last else True,
+                      export_dir=str(Path(cfg.output_dir) / "final") if last else None)
         if configs:
             merged["model"]["init_from"] = str(configs[-1].final_dir)
         try:
