@@ -86,7 +86,44 @@ def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation during training (slow)
+# Validation during training
+
+
+def test_validation_answers_are_shared_out_by_rank_and_scored_as_evaluate_scores_them(tmp_path):
+    from test_evaluate_run import OracleModel, make_eval_set
+
+    from llark.evaluate.run import build_items
+    from llark.train.validation import answer_metrics, answer_rows
+
+    class Counted(OracleModel):
+        def answer(self, questions, audios, settings=None):
+            self.batches = getattr(self, "batches", 0) + 1
+            return super().answer(questions, audios, settings)
+
+    clips, embeddings = make_eval_set(tmp_path)
+    items = build_items(clips, embeddings, ["key", "tempo", "metre"], ["valid", "test"])[:17]
+    one = answer_rows(OracleModel(), items, 0, 1, 2, -(-len(items) // 2))
+    models = [Counted(), Counted()]
+    ranks = [answer_rows(models[r], items, r, 2, 2, -(-len(items[0::2]) // 2)) for r in (0, 1)]
+    assert sorted(r["item"] for r in ranks[0] + ranks[1]) == sorted(r["item"] for r in one) == sorted(
+        i.item for i in items)
+    # Rank 1 has 8 items, rank 0 nine: both answer five batches, and rank 1 keeps nothing of its fifth.
+    assert [m.batches for m in models] == [5, 5] and [len(r) for r in ranks] == [9, 8]
+    scores = answer_metrics(ranks[0] + ranks[1], items)
+    assert scores == answer_metrics(one, items)
+    assert scores["tempo/demo/acc2"] == scores["key/demo/accuracy"] == scores["metre/demo/accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"validation.tasks": ["key"]}, "validation.tasks needs validation.clips and validation.embeddings"),
+    ({"validation.best": "tempo/demo/acc2"}, "is a task metric: set validation.tasks"),
+])
+def test_validation_settings_are_checked_when_the_config_is_read(settings, message):
+    with pytest.raises(TrainConfigError, match=message):
+        load_config(None, {"data.shards": ["shards"], **settings})
+
+
+# Under DeepSpeed (slow)
 
 
 @pytest.mark.slow
@@ -94,14 +131,21 @@ def test_validation_loss_is_logged_is_the_same_on_two_ranks_and_exports_the_best
     shards, held_out = tmp_path / "shards", tmp_path / "valid"
     write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2))
     write_shards(held_out, n_samples=10, n_shards=1, dim=DIM, frames=(3, 6), pairs=(1, 2), seed=5, split="valid")
+    from test_evaluate_run import make_eval_set
+
+    clips, embeddings = make_eval_set(tmp_path / "eval")  # 3 valid clips with labels, as llark evaluate reads them
     settings = {"validation.every": 2, "validation.split": "valid", "validation.shards": [str(held_out)],
                 "validation.max_examples": 9, "optim.max_steps": 4, "save_every": 4, "model.projector_init": "default",
-                "data.num_workers": 1, "optim.lr": 1e-12, "optim.projector_lr": 1e-12, "export": False}
+                "data.num_workers": 1, "optim.lr": 1e-12, "optim.projector_lr": 1e-12, "export": False,
+                "validation.tasks": ["key", "tempo"], "validation.clips": str(clips),
+                "validation.embeddings": str(embeddings)}
+    scores = lambda out: [{k: v for k, v in m.items() if "/" in k}  # noqa: E731
+                          for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in m]
     val = lambda out: {m["step"]: m["val_loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                        if "val_loss" in m}
     one = tmp_path / "one"
     result = run_train(one, shards, **settings, **{"validation.export_best": True})
-    assert "validation: step 2 loss" in result.stdout and "(best so far)" in result.stdout
+    assert "validation: step 2 loss" in result.stdout and "(best val_loss so far)" in result.stdout
     assert sorted(val(one)) == [2, 4] and all(v > 0 for v in val(one).values())
     assert (one / "best" / "llark_config.json").is_file()
     two = tmp_path / "two"
@@ -109,6 +153,10 @@ def test_validation_loss_is_logged_is_the_same_on_two_ranks_and_exports_the_best
     # The weights hardly move at this learning rate: two ranks, each with its share, give the same mean.
     for step in (2, 4):
         assert val(two)[step] == pytest.approx(val(one)[step], rel=1e-4)
+    # The evaluation tasks' scores at each validation, the same from one rank or two.
+    assert len(scores(one)) == 2 and all(set(s) >= {"key/demo/mirex", "key/demo/accuracy", "tempo/demo/acc1",
+                                                      "tempo/demo/acc2"} for s in scores(one))
+    assert all(0 <= x <= 1 for s in scores(one) for x in s.values()) and scores(two) == scores(one)
 
 
 # ---------------------------------------------------------------------------------------------

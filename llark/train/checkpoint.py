@@ -27,7 +27,8 @@ TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is
 RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb_project", "export",
                      "resume", "output_dir", "export_dir", "deepspeed", "optim.extend_schedule",
                      "model.projector_init", "model.projector_init_samples",  # these two: a new run only
-                     "validation.every", "validation.max_examples", "validation.export_best"}
+                     "validation.every", "validation.max_examples", "validation.export_best", "validation.tasks",
+                     "validation.clips", "validation.embeddings", "validation.max_clips"}
 
 
 def seed_all(seed: int) -> None:

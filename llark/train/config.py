@@ -120,7 +120,22 @@ class ValidationSection(_Section):
     split: str = Field("valid", description="the split of the shards to validate on")
     shards: list[str] | None = Field(None, description="shard directories; None: data.shards")
     max_examples: int = Field(256, ge=1, description="examples per validation (the same ones each time)")
-    export_best: bool = Field(False, description="export the model of the lowest validation loss to output_dir/best")
+    export_best: bool = Field(False, description="export the best model by validation.best to output_dir/best")
+    tasks: list[str] = Field(default_factory=list, description="evaluation tasks whose questions are answered and "
+                             "scored at each validation (e.g. [key, tempo]); needs validation.clips and .embeddings")
+    clips: str | None = Field(None, description="clip records with labels (augmented.jsonl), for validation.tasks")
+    embeddings: str | None = Field(None, description="their embeddings directory (llark embed's output)")
+    max_clips: int = Field(64, ge=1, description="held-out clips asked about at each validation")
+    best: str = Field("val_loss", description="what validation.export_best ranks by: val_loss (lower is better) or "
+                      "a task metric such as tempo/demo/acc2 (higher is better)")
+
+    @model_validator(mode="after")
+    def _tasks_need_inputs(self) -> "ValidationSection":
+        if self.tasks and not (self.clips and self.embeddings):
+            raise ValueError("validation.tasks needs validation.clips and validation.embeddings")
+        if self.best != "val_loss" and not self.tasks:
+            raise ValueError(f"validation.best {self.best!r} is a task metric: set validation.tasks")
+        return self
 
 
 class TrainConfig(_Section):

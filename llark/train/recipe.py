@@ -53,7 +53,7 @@ class TrainRecipe:
         self._check_chat_template()
         self.output_dir = Path(cfg.output_dir)
         self.step = 0
-        self.best_val_loss = math.inf
+        self.best_validation = math.inf
         self.mixture_drawn: Counter = Counter()  # examples drawn per mixture stream in this process's run
         self.metrics: MetricsLog | None = None  # rank 0's
 
@@ -98,6 +98,18 @@ class TrainRecipe:
             if differences := manifest_differences(self.shards.manifest, self.validation_shards.manifest):
                 raise TrainConfigError("validation.shards hold embeddings of another encoder than data.shards: "
                                        + describe_differences(differences))
+            if v.tasks:
+                from llark.evaluate.run import EvalConfigError, build_items, read_embedding_index
+
+                try:
+                    self.validation_items = build_items(Path(v.clips), Path(v.embeddings), v.tasks, [v.split],
+                                                        limit=v.max_clips)
+                    _, embedded = read_embedding_index(Path(v.embeddings))
+                except (EvalConfigError, OSError) as exc:
+                    raise TrainConfigError(f"validation.tasks: {exc}") from None
+                if differences := manifest_differences(self.shards.manifest, embedded):
+                    raise TrainConfigError("validation.embeddings are of another encoder than data.shards: "
+                                           + describe_differences(differences))
         if cfg.model.init_from:
             trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
@@ -351,35 +363,10 @@ class TrainRecipe:
                 t_last = time.perf_counter()
 
     def validate(self) -> float:
-        """The per-token loss on the validation examples, logged beside the training metrics; with
-        validation.export_best, a new lowest loss exports the model to output_dir/best."""
-        import torch.distributed as dist
+        """The validation loss (and task scores), logged; see llark/train/validation.py."""
+        from llark.train.validation import validate
 
-        self.engine.eval()
-        mine = len(self.validator.examples())
-        counts = torch.tensor([-mine, -(-mine // self.cfg.micro_batch)], dtype=torch.int64, device=self.engine.device)
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # [-fewest examples on a rank, most batches on a rank]
-        if -counts[0].item() == 0:
-            raise TrainConfigError(f"validation: a rank has no example ({self.cfg.validation.split} split, "
-                                   f"validation.max_examples {self.cfg.validation.max_examples} over {self.world_size} "
-                                   "ranks); validate on more examples")
-        loss_sum, tokens = self.validator.loss(self.engine, int(counts[1].item()))
-        totals = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(totals)
-        loss, tokens = totals[0].item() / max(1.0, totals[1].item()), int(totals[1].item())
-        metrics = {"step": self.step, "val_loss": loss, "val_tokens": tokens}
-        if self.cfg.stage is not None:
-            metrics["stage"] = self.cfg.stage
-        best = loss < self.best_val_loss
-        if best:
-            self.best_val_loss = loss
-        if self.is_main:
-            self.metrics.write(metrics, {"valid/loss": loss})
-            self._print(f"validation: step {self.step} loss {loss:.4f} over {tokens:,} answer tokens"
-                        + (" (best so far)" if best else f" (best {self.best_val_loss:.4f})"))
-        if best and self.cfg.validation.export_best:
-            self.export(self.output_dir / "best")
-        return loss
+        return validate(self)
 
     def _all_ranks_sum(self, count: int) -> int:
         import torch.distributed as dist
@@ -461,7 +448,7 @@ class TrainRecipe:
             (path / LLARK_CONFIG).write_text(self.model.config.to_json(), encoding="utf-8")
         dist.barrier()
         if self.is_main:
-            save_trainer_state(path, self.step, self.world_size, self.cfg, best_val_loss=None if math.isinf(self.best_val_loss) else self.best_val_loss)
+            save_trainer_state(path, self.step, self.world_size, self.cfg, best_validation=None if math.isinf(self.best_validation) else self.best_validation)
             remove_old_checkpoints(self.output_dir, self.cfg.keep_checkpoints)
             self._print(f"checkpoint: {path}")
         dist.barrier()
@@ -493,7 +480,7 @@ class TrainRecipe:
             raise TrainConfigError(f"resume: DeepSpeed could not load {path}")
         positions = restore_rank_state(path, self.rank, self.cfg.data.num_workers)
         self.step = state["step"]
-        self.best_val_loss = state.get("best_val_loss") or math.inf
+        self.best_validation = state.get("best_validation") or math.inf
         return positions
 
     # -- export ---------------------------------------------------------------------------------
