@@ -60,7 +60,7 @@ def test_an_invalid_stage_is_refused_when_the_config_is_read(stages, message):
 
 
 @pytest.mark.slow
-def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_path):
+def test_two_stages_killed_inside_each_and_between_resume_to_the_uninterrupted_losses(tmp_path):
     shards = tmp_path / "shards"
     write_shards(shards, n_samples=24, n_shards=4, dim=DIM, frames=(3, 6), pairs=(1, 2))
     settings = {"stages": TWO_STAGES, "save_every": 2, "data.num_workers": 1}
@@ -77,8 +77,9 @@ def test_two_stages_killed_inside_each_resume_to_the_uninterrupted_losses(tmp_pa
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "llark.train"] + train_args(killed, shards, **settings)
-    kill_when_logged(command, killed / "stages" / "1-connector" / "metrics.jsonl", 4)
-    kill_when_logged(command, killed / "stages" / "2-instruct" / "metrics.jsonl", 4)
+    kill_when_logged(command, killed / "stages" / "1-connector" / "metrics.jsonl", 4)  # inside stage 1
+    kill_when_logged(command, killed / "stages" / "1-connector" / "stage.json", 1)  # as stage 1 ends
+    kill_when_logged(command, killed / "stages" / "2-instruct" / "metrics.jsonl", 4)  # inside stage 2
     result = run_train(killed, shards, **settings)
     assert "train: stage 1/2 (connector): done earlier (6 steps" in result.stdout
     for name in ("1-connector", "2-instruct"):
