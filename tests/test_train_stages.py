@@ -1,6 +1,6 @@
 """Training in stages (llark/train/stages.py): each stage's config from the run's, validated before any
-work; a two-stage run under DeepSpeed, killed inside each stage and resumed, gives the uninterrupted
-run's losses in both stages (slow)."""
+work; a two-stage run under DeepSpeed, killed inside each stage and between them and resumed, gives
+the uninterrupted run's losses in both stages; mixtures and validation under DeepSpeed (slow)."""
 
 from __future__ import annotations
 
