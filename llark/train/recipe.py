@@ -56,6 +56,7 @@ class TrainRecipe:
         self.best_validation = math.inf
         self.mixture_drawn: Counter = Counter()  # examples drawn per mixture stream in this process's run
         self.metrics: MetricsLog | None = None  # rank 0's
+        self.validation_llark = None  # the model as validation.tasks asks it, made at the first validation
 
     def gpu_memory_warning(self, encoder_dim: int, gpu_bytes: float) -> str | None:
         """Before any weight loads: what ``llark plan`` says of this run when it will not fit a GPU of
@@ -90,6 +91,7 @@ class TrainRecipe:
         self.mixture = mixture_cells(self.shards, d.mixture, d.dataset_weights) if (
             d.mixture or d.dataset_weights) else {}
         self.validation_shards = None
+        self.trained = None  # model.init_from's llark_config.json
         if cfg.validation.every:
             from pipeline.encoders import describe_differences, manifest_differences
 
@@ -111,7 +113,7 @@ class TrainRecipe:
                     raise TrainConfigError("validation.embeddings are of another encoder than data.shards: "
                                            + describe_differences(differences))
         if cfg.model.init_from:
-            trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
+            self.trained = trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
                 raise TrainConfigError(f"model.frame_pool ({cfg.model.frame_pool}) differs from model.init_from's "
                                        f"({trained.frame_pool}); leave it unset to continue with the trained one")
@@ -134,13 +136,13 @@ class TrainRecipe:
     def _check_chat_template(self) -> None:
         """A whole conversation rendered, tokenized and labelled with the LM's own tokenizer and chat
         template, as training and inference will: a template that cannot work is refused here, by name."""
-        from llark.model import AUDIO_TOKEN, ChatFormatError, ChatFormatter, LlarkConfig, load_tokenizer
+        from llark.model import AUDIO_TOKEN, ChatFormatError, ChatFormatter, load_tokenizer
         from llark.model.llark import check_model_dir
 
         m = self.cfg.model
         lm_dir = self.base_lm_dir
         if m.init_from:
-            trained = LlarkConfig.from_file(lm_dir / "llark_config.json")
+            trained = self.trained  # read by _check_data
             for name in ("system_prompt", "end_of_turn"):
                 ours, theirs = getattr(m, name), getattr(trained, name)
                 if ours is not None and ours != theirs:
@@ -380,13 +382,13 @@ class TrainRecipe:
 
         # One all-reduce: the per-token mean loss (each rank holds its share of it) and summed
         # tokens/samples over ranks.
-        families = sorted(self.mixture)  # the mixture's streams: families, datasets or both
+        streams = sorted(self.mixture)  # the mixture's streams: families, datasets or both
         totals = torch.tensor([float(window["loss"]) / window["steps"], window["tokens"], window["samples"],
                                window["skipped"], window["too_long"], window["dropped_turns"],
-                               *(window["mixture"][f] for f in families)],
+                               *(window["mixture"][f] for f in streams)],
                               dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(totals)
-        drawn = {f: int(n) for f, n in zip(families, totals[6:].tolist())}
+        drawn = {f: int(n) for f, n in zip(streams, totals[6:].tolist())}
         self.mixture_drawn.update(drawn)
         loss = totals[0].item()
         o = self.cfg.optim
@@ -398,7 +400,7 @@ class TrainRecipe:
             "skipped_samples": int(totals[3].item()), "too_long_samples": int(totals[4].item()),
             "dropped_turns": int(totals[5].item()),
         }
-        if families:
+        if streams:
             metrics["mixture"] = {f: n / max(1, sum(drawn.values())) for f, n in drawn.items()}
         if self.cfg.stage is not None:
             metrics["stage"] = self.cfg.stage
@@ -416,8 +418,8 @@ class TrainRecipe:
                         f"; {metrics[k]} {words}" for k, words in (
                             ("skipped_samples", "bad samples skipped"), ("too_long_samples", "samples over max_seq_len "
                              "skipped"), ("dropped_turns", "turns dropped to fit max_seq_len")) if metrics[k])
-                    + (f"; mixture {self._describe_mixture(drawn)}" if families else ""))
-        if families and self.step == o.max_steps:
+                    + (f"; mixture {self._describe_mixture(drawn)}" if streams else ""))
+        if streams and self.step == o.max_steps:
             self._print(f"train: realised mixture over the {sum(self.mixture_drawn.values()):,} examples of this run: "
                         + self._describe_mixture(self.mixture_drawn))
 

@@ -180,7 +180,10 @@ def answer_scores(recipe) -> dict[str, float]:
     from llark.inference import Llark
 
     items, batch = recipe.validation_items, recipe.cfg.micro_batch
-    llark = Llark(recipe.engine.module, recipe.tokenizer, recipe.model.config, device=str(recipe.engine.device))
+    if recipe.validation_llark is None:  # made once: its formatter reads the template
+        recipe.validation_llark = Llark(recipe.engine.module, recipe.tokenizer, recipe.model.config,
+                                        device=str(recipe.engine.device))
+    llark = recipe.validation_llark
     batches = torch.tensor([-(-len(items[recipe.rank::recipe.world_size]) // batch)], device=recipe.engine.device)
     dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     rows = answer_rows(llark, items, recipe.rank, recipe.world_size, batch, int(batches.item()))
