@@ -13,6 +13,8 @@ INGEST_FLAGS ?=
 WORKERS ?=
 DEMO_CLIPS ?= 240
 ENCODER ?= features
+# mert, whisper and clap read a local checkpoint; without ENCODER_DIR a tiny random stand-in is written.
+ENCODER_DIR ?=
 EMBED_FLAGS ?=
 TRAIN_FLAGS ?=
 EVAL_FLAGS ?=
@@ -57,7 +59,7 @@ demo: setup
 	@echo "  madmom tempo, key, chords, beat grid:            $(RUN)/augmented.jsonl"
 	@echo "  instruction records (template writer):           $(RUN)/instructions.jsonl"
 	@echo "  dropped Q/A pairs, with reasons:                 $(RUN)/instructions.rejected.jsonl"
-	@echo "  embeddings (features encoder, 10 Hz):            $(RUN)/embeddings/"
+	@echo "  embeddings ($(ENCODER) encoder):                  $(RUN)/embeddings/"
 	@echo "  webdataset shards, index, missing parts:         $(RUN)/shards/"
 	@echo "  trained model (HF directory + projector):        $(RUN)/train/final/  metrics: $(RUN)/train/metrics.jsonl"
 	@echo "  held-out evaluation, real and shuffled audio:    $(RUN)/eval/report.md  (predictions, summary.json)"
@@ -83,8 +85,13 @@ augment: setup
 instructions: setup
 	$(LLARK) instructions $(RUN)/augmented.jsonl --out $(RUN)/instructions.jsonl --backend $(INSTRUCTIONS_BACKEND) $(INSTRUCTIONS_FLAGS) $(WORKERS_FLAG)
 
+HF_ENCODER := $(filter mert whisper clap,$(ENCODER))
+WEIGHTS_DIR := $(or $(ENCODER_DIR),$(RUN)/standins/$(ENCODER))
+
 embed: setup
-	$(LLARK) embed $(RUN)/augmented.jsonl --embeddings-dir $(RUN)/embeddings --encoder $(ENCODER) $(EMBED_FLAGS) $(WORKERS_FLAG)
+	$(if $(and $(HF_ENCODER),$(if $(ENCODER_DIR),,yes)),$(BIN)/python -m pipeline.encoders.standins $(ENCODER) $(WEIGHTS_DIR),)
+	$(LLARK) embed $(RUN)/augmented.jsonl --embeddings-dir $(RUN)/embeddings --encoder $(ENCODER) \
+		$(if $(HF_ENCODER),--weights-dir $(WEIGHTS_DIR),) $(EMBED_FLAGS) $(WORKERS_FLAG)
 
 shards: setup
 	$(LLARK) shards --clips $(RUN)/augmented.jsonl --instructions $(RUN)/instructions.jsonl --embeddings $(RUN)/embeddings --out $(RUN)/shards $(WORKERS_FLAG)

@@ -16,7 +16,12 @@ Prints:
   batch's windows share forward passes), with a check that both give the same arrays;
 - jukebox on GPU: parameters and an estimate of the activations of the real cut (Jukebox-5B, 36
   layers, width 4800, 8192-token windows) for 25 s clips, and the multiply-adds per clip, so a
-  user can size workers (one worker per GPU) and --batch-windows.
+  user can size workers (one worker per GPU) and --batch-windows;
+- mert, whisper and clap on CPU: clips/s of each tiny random stand-in (``pipeline.encoders.standins``)
+  at --batch-size 1 and 4, with the largest difference between the two runs' arrays;
+- every encoder at its real size: TFLOP and A100 GPU-seconds per 25 s clip at 40% utilisation
+  (``llark plan --encoder all``), and the storage of one clip at 10 Hz in float16 with
+  ``--layers 6``, ``6-12`` and ``all``.
 """
 
 from __future__ import annotations
@@ -155,6 +160,45 @@ def bench_jukebox_gpu_estimate() -> None:
           "transformer's matrix products (attention scores add under 1%); --context truncate halves it")
 
 
+def bench_pretrained_cpu(clips: list[np.ndarray], batch_clips: int) -> None:
+    import torch
+
+    from pipeline.encoders import build_encoder, check_encoder_options
+    from pipeline.encoders.standins import ENCODERS, write_standin
+
+    torch.set_num_threads(1)
+    print(f"mert, whisper, clap: tiny random stand-ins on CPU, one thread ({torch.get_num_threads()}), "
+          f"{batch_clips} clips of 25 s:")
+    with tempfile.TemporaryDirectory() as root:
+        for name in ENCODERS:
+            directory = write_standin(name, Path(root) / name)
+            results = {}
+            for batch in (1, 4):
+                options = check_encoder_options(name, {"weights_dir": str(directory), "batch_windows": 8 * batch})
+                encoder = build_encoder(name, options)
+                encoder.encode(clips[0][: SR], SR)  # warm-up
+                chosen = [(clip, SR) for clip in clips[:batch_clips]]
+                start = time.perf_counter()
+                arrays = [a for i in range(0, len(chosen), batch) for a in encoder.encode_batch(chosen[i : i + batch])]
+                results[batch] = (len(chosen) / (time.perf_counter() - start), arrays)
+            gap = max(float(np.abs(a - b).max()) for a, b in zip(results[1][1], results[4][1]))
+            print(f"  {name:8s} -> {results[1][1][0].shape}: --batch-size 1: {results[1][0]:.2f} clips/s; "
+                  f"--batch-size 4: {results[4][0]:.2f} clips/s ({results[4][0] / results[1][0]:.2f}x); "
+                  f"largest difference between the two: {gap:.1e}")
+
+
+def bench_real_size_costs() -> None:
+    from pipeline.encoders.costs import cost_table, encoder_costs, storage_per_clip
+
+    for line in cost_table(1, 25.0):
+        print(line)
+    print("storage of one 25 s clip at 10 Hz (clap: 3.2 Hz), float16:")
+    for cost in encoder_costs()[1:]:
+        every = f"{storage_per_clip(cost, 'all') / 1e6:6.2f} MB" if cost.states > 1 else "     -   "
+        print(f"  {cost.label:26s} --layers 6 or 6-12: {storage_per_clip(cost, 'one') / 1e6:5.2f} MB; "
+              f"--layers all ({cost.states} states): {every}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=20, help="25 s clips for the features encoder")
@@ -165,6 +209,8 @@ def main() -> None:
     bench_features(clips[: args.clips], args.skip_librosa)
     bench_jukebox_cpu(clips, args.batch_clips)
     bench_jukebox_gpu_estimate()
+    bench_pretrained_cpu(clips, min(args.batch_clips, 8))
+    bench_real_size_costs()
 
 
 if __name__ == "__main__":

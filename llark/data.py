@@ -217,6 +217,10 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
             found = read_manifest(d)
         except StageConfigError as exc:
             raise DataConfigError(f"data.shards: {exc}") from None
+        if found.get("layer") == "all":
+            raise DataConfigError(f"data.shards: {d} holds every hidden state of {found['name']} per clip "
+                                  "([states, frames, dim], layer 'all'); the projector takes [frames, dim]: embed "
+                                  "with --layers L (one state) or --layers A-B (their mean)")
         if manifest is None:
             manifest = found
         elif differences := manifest_differences(manifest, found):

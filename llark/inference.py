@@ -190,7 +190,10 @@ def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
         checked = check_encoder_options(identity["name"], dict(options or {}))
         description = describe_encoder(identity["name"], checked)
     except StageConfigError as exc:
-        raise InferenceError(str(exc)) from None
+        message = str(exc)
+        if message.startswith("--weights-dir"):
+            message += " (here: --encoder-option weights_dir=DIR)"
+        raise InferenceError(message) from None
     differences = manifest_differences(identity, description, FRAME_FIELDS)
     if differences:
         raise InferenceError("the encoder differs from the one the model was trained on (trained on != this "

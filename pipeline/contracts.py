@@ -77,7 +77,7 @@ class SampleEncoding(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     encoder: str
-    layer: int | None
+    layer: int | str | None  # one hidden state, "A-B" (their mean) or "all" (every state kept)
     frame_rate_hz: float
     frames: int = Field(ge=1)
     dim: int = Field(ge=1)

@@ -3,7 +3,8 @@
 Input: clip records with ``clip_path`` (the crop stage's 44.1 kHz wavs). Output, all inside the
 embeddings directory:
 
-- ``<dataset>/<clip id>.npy``: the clip's encoding, ``[frames, dim]``, in the chosen dtype
+- ``<dataset>/<clip id>.npy``: the clip's encoding, ``[frames, dim]`` (``[states, frames, dim]``
+  with ``--layers all``), in the chosen dtype
   (float16 by default; the encoder computes float32, and a value that float16 cannot hold is an
   error, never an ``inf``), written with numpy's ``.npy`` format, no pickles;
 - ``embeddings.jsonl`` (the runner's output, input order): one record per clip, ``{"id",
@@ -43,6 +44,7 @@ from pipeline.encoders import (
     describe_differences,
     manifest_differences,
     read_manifest,
+    stored_states,
     write_manifest,
 )
 from pipeline.contracts import EMBEDDINGS_JSONL, ENCODER_JSON
@@ -75,6 +77,7 @@ class EmbedSettings:
 class EmbedState:
     settings: EmbedSettings
     encoder: Encoder
+    states: int | None = None  # hidden states per array when every layer is kept
 
 
 def make_settings(encoder: str, embeddings_dir: str | os.PathLike, dtype: str = "float16",
@@ -102,8 +105,26 @@ def prepare_embeddings_dir(settings: EmbedSettings) -> dict[str, Any]:
     return manifest
 
 
+def storage_estimate(manifest: dict[str, Any], durations: list[float]) -> dict[str, Any]:
+    """What the embeddings of clips of ``durations`` seconds will take on disk: ``per_clip`` (bytes, at
+    the median duration) and ``total``, from the frame rate, dimension, stored states and dtype
+    (.npy headers of 128 bytes included)."""
+    states = stored_states(manifest) or 1
+    per_second = manifest["frame_rate_hz"] * manifest["dim"] * states * np.dtype(manifest["dtype"]).itemsize
+
+    def size(seconds: float) -> int:
+        frames = max(1, int(np.ceil(seconds * manifest["frame_rate_hz"] - 1e-9)))
+        return 128 + frames * manifest["dim"] * states * np.dtype(manifest["dtype"]).itemsize
+
+    median = float(np.median(durations)) if durations else 0.0
+    return {"clips": len(durations), "median_s": median, "per_clip": size(median) if durations else 0,
+            "total": sum(size(d) for d in durations), "per_second": per_second, "states": states}
+
+
 def setup_embed(settings: EmbedSettings) -> EmbedState:
-    return EmbedState(settings=settings, encoder=build_encoder(settings.encoder, settings.options))
+    description = describe_encoder(settings.encoder, settings.options)
+    return EmbedState(settings=settings, encoder=build_encoder(settings.encoder, settings.options),
+                      states=stored_states(description))
 
 
 def embedding_path(settings: EmbedSettings, dataset: str, clip_id: str) -> Path:
@@ -143,8 +164,12 @@ def read_clip(row: dict, settings: EmbedSettings) -> tuple[ClipRecord, np.ndarra
 def save_encoding(record: ClipRecord, audio: np.ndarray, encoding: np.ndarray, state: EmbedState) -> dict:
     """Check and store one clip's encoding; return its embedding record."""
     settings, encoder = state.settings, state.encoder
-    if encoding.ndim != 2 or encoding.shape[1] != encoder.dim or encoding.shape[0] < 1:
-        raise ItemError("bad_shape", f"the encoder returned shape {encoding.shape}, expected [frames, {encoder.dim}]")
+    states = state.states
+    expected = (states, encoder.dim) if states else (encoder.dim,)
+    if encoding.shape[:-2] != expected[:-1] or encoding.shape[-1] != encoder.dim or encoding.ndim != len(expected) + 1 \
+            or encoding.shape[-2] < 1:
+        shape = f"[{states}, frames, {encoder.dim}]" if states else f"[frames, {encoder.dim}]"
+        raise ItemError("bad_shape", f"the encoder returned shape {encoding.shape}, expected {shape}")
     array = to_output_dtype(encoding, settings.dtype)
     path = embedding_path(settings, record.dataset, record.id)
     save_npy(path, array)
@@ -153,8 +178,8 @@ def save_encoding(record: ClipRecord, audio: np.ndarray, encoding: np.ndarray, s
         "dataset": record.dataset,
         "split": record.split,
         "embedding_path": str(path),
-        "frames": int(array.shape[0]),
-        "dim": int(array.shape[1]),
+        "frames": int(array.shape[-2]),
+        "dim": int(array.shape[-1]),
         "dtype": settings.dtype,
         "encoder": encoder.name,
         "duration_s": round(len(audio) / TARGET_SAMPLE_RATE, 6),

@@ -4,8 +4,8 @@ The CPU figures come from a run the user made (the demo, or a sample of their ow
 runner stage's ledger keeps each item's CPU seconds, and ``measure_stages`` averages them. What
 cannot be measured on a machine without a GPU is computed from the model's size, and says so:
 
-- Jukebox embedding: the 36 kept blocks of the 5B top prior hold about 2.5e9 parameters; a 25 s
-  clip is two windows of 8192 tokens; 2 FLOP per multiply-add → about 82 TFLOP per clip.
+- Embedding: each encoder's FLOPs per clip from its architecture (``pipeline.encoders.costs``;
+  Jukebox-5B cut after layer 36 is about 82 TFLOP per 25 s clip, MERT-v1-95M about 0.5).
 - Training: 6 FLOP per parameter per token (forward and backward) over steps × global batch ×
   tokens per sample.
 
@@ -21,9 +21,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.encoders.costs import encoder_costs
 from pipeline.runner import ledger_path
 
-JUKEBOX_TFLOP_PER_CLIP = 82.0
 # Output files of each runner stage in a run directory laid out like `make demo`'s.
 STAGE_OUTPUTS = {
     "crop": "clips.jsonl",
@@ -99,10 +99,12 @@ def estimate(run: FullRun, figures: dict[str, StageFigures], input_tokens: float
         lines.append(f"  {stage:28s} {f.cpu_s_per_item:7.3f} CPU s/clip (from {f.items} items) → {hours:9,.1f} CPU-hours")
     lines.append(f"  {'CPU total':28s} {'':22s}   {cpu_hours:9,.1f} CPU-hours")
     gpu_flops = run.gpu_tflops * 1e12 * run.gpu_utilization
-    embed_hours = run.tracks * JUKEBOX_TFLOP_PER_CLIP * 1e12 / gpu_flops / 3600
     train_flop = 6 * run.lm_params * run.train_steps * run.global_batch * run.tokens_per_sample
     train_hours = train_flop / gpu_flops / 3600
-    lines.append(f"  {'embed (Jukebox, computed)':28s} {JUKEBOX_TFLOP_PER_CLIP:7.0f} TFLOP/clip → {embed_hours:9,.1f} GPU-hours")
+    for cost in encoder_costs():
+        flop = cost.flop_per_clip()
+        lines.append(f"  {'embed (' + cost.label + ')':28s} {flop / 1e12:7.2f} TFLOP/clip → "
+                     f"{run.tracks * flop / gpu_flops / 3600:9,.1f} GPU-hours")
     lines.append(f"  {'train (computed)':28s} {train_flop / 1e18:7.1f} EFLOP      → {train_hours:9,.1f} GPU-hours")
     lines.append(f"  GPU-hours at {run.gpu_tflops:g} TFLOPS peak × {run.gpu_utilization:g} utilisation "
                  f"(the paper trained on 4 A40s for about 54 hours)")

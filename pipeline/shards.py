@@ -67,7 +67,8 @@ from pydantic import ValidationError
 
 from pipeline.contracts import (EMBEDDINGS_JSONL, ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL,
                                 SAMPLES_JSONL, SHARDS_JSONL, InstructionRecord, sample_key)
-from pipeline.encoders import describe_differences, manifest_differences, read_manifest, write_manifest
+from pipeline.encoders import (describe_differences, manifest_differences, read_manifest, stored_states,
+                               write_manifest)
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, is_disk_failure, remove_dead_temporaries
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
@@ -103,7 +104,7 @@ class EmbeddingProblem(PipelineError, ValueError):
         self.code = code
 
 
-def parse_npy(data: bytes, dtype: str, dim: int) -> np.ndarray:
+def parse_npy(data: bytes, dtype: str, dim: int, states: int | None = None) -> np.ndarray:
     """Decode ``.npy`` bytes with pickles disallowed and check them against the encoder's dtype and
     dimension; raise EmbeddingProblem with a code (pickled_payload, bad_npy, wrong_dtype,
     wrong_shape, wrong_dim, empty_array, non_finite). The array is a read-only view of ``data``."""
@@ -118,13 +119,14 @@ def parse_npy(data: bytes, dtype: str, dim: int) -> np.ndarray:
         raise EmbeddingProblem("pickled_payload", f"an object array ({found}): its data is a pickle; refused")
     if found != np.dtype(dtype).newbyteorder("<"):
         raise EmbeddingProblem("wrong_dtype", f"dtype {found.str}, expected {dtype}")
-    if len(shape) != 2:
-        raise EmbeddingProblem("wrong_shape", f"shape {shape}, expected [frames, {dim}]")
-    if shape[1] != dim:
-        raise EmbeddingProblem("wrong_dim", f"shape {shape}: dimension {shape[1]}, expected {dim}")
-    if shape[0] < 1:
+    if len(shape) != (3 if states else 2) or (states and shape[0] != states):
+        expected = f"[{states}, frames, {dim}]" if states else f"[frames, {dim}]"
+        raise EmbeddingProblem("wrong_shape", f"shape {shape}, expected {expected}")
+    if shape[-1] != dim:
+        raise EmbeddingProblem("wrong_dim", f"shape {shape}: dimension {shape[-1]}, expected {dim}")
+    if shape[-2] < 1:
         raise EmbeddingProblem("empty_array", f"shape {shape}: no frames")
-    offset, count = stream.tell(), shape[0] * shape[1]
+    offset, count = stream.tell(), int(np.prod(shape))
     if len(data) - offset != count * found.itemsize:
         raise EmbeddingProblem("bad_npy", f"{len(data) - offset} bytes of data for shape {shape} of {found.str}")
     array = np.frombuffer(data, dtype=found, count=count, offset=offset)
@@ -320,6 +322,7 @@ class ShardSettings:
     dtype: str
     dim: int
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    states: int | None = None  # [states, frames, dim] arrays (embeddings of every layer)
     shard_samples: int | None = None
     seed: int = 0
     plan_digest: str = ""
@@ -346,9 +349,9 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
                 key = sample["key"]
                 try:
                     data = Path(sample["embedding_path"]).read_bytes()
-                    array = parse_npy(data, settings.dtype, settings.dim)
-                    if array.shape[0] != sample["frames"]:
-                        raise EmbeddingProblem("frames_mismatch", f"{array.shape[0]} frames, the embedding "
+                    array = parse_npy(data, settings.dtype, settings.dim, settings.states)
+                    if array.shape[-2] != sample["frames"]:
+                        raise EmbeddingProblem("frames_mismatch", f"{array.shape[-2]} frames, the embedding "
                                                f"record says {sample['frames']}")
                 except OSError as exc:
                     skipped.append({"key": key, "reason": "embedding_file_missing", "detail": str(exc)})
@@ -485,7 +488,8 @@ def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manife
         join = join_inputs(clips_path, instructions_path, embeddings_dir, manifest, samples_out)
     settings = ShardSettings(out_dir=str(out_dir.resolve()), samples_path=str(samples_path.resolve()), name=name,
                              encoder=manifest["name"], dtype=manifest["dtype"], dim=manifest["dim"],
-                             shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed)
+                             shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed,
+                             states=stored_states(manifest))
     plan = plan_shards(join, settings)
     # What the shards will hold, whatever the byte offsets of samples.jsonl: a rerun on the same
     # inputs resumes; other inputs or settings make the runner refuse to mix old and new shards.

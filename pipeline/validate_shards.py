@@ -49,7 +49,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.encoders import read_manifest
+from pipeline.encoders import read_manifest, stored_states
 from pipeline.records import InvalidRecord, parse_record
 from pipeline.runner import StageConfigError, default_workers
 from pipeline.shard_reader import ShardReadError, is_pickle_extension, iter_members, open_file
@@ -115,7 +115,7 @@ def _check_sample(shard: str, key: str, members: dict[str, tuple[int, bytes]], m
     frames = None
     if "npy" in members:
         try:
-            frames = parse_npy(members["npy"][1], manifest["dtype"], manifest["dim"]).shape[0]
+            frames = parse_npy(members["npy"][1], manifest["dtype"], manifest["dim"], stored_states(manifest)).shape[-2]
         except EmbeddingProblem as exc:
             problem(exc.code, str(exc), "npy")
     if "json" not in members:

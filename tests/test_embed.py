@@ -130,7 +130,7 @@ def test_embed_verb_and_its_configuration_errors(tmp_path, clips, monkeypatch, c
     assert cli(["embed", str(clips), "--embeddings-dir", str(fresh), "--layer", "36"], monkeypatch) == 2
     assert "--layer" in capsys.readouterr().err and not fresh.exists()
     with pytest.raises(SystemExit):
-        cli(["embed", str(clips), "--embeddings-dir", str(fresh), "--encoder", "clap"], monkeypatch)
+        cli(["embed", str(clips), "--embeddings-dir", str(fresh), "--encoder", "beats"], monkeypatch)
     assert "invalid choice" in capsys.readouterr().err
     assert cli(["embed", str(clips), "--embeddings-dir", str(out), "--dtype", "float32"], monkeypatch) == 2
     assert "another encoder configuration" in capsys.readouterr().err

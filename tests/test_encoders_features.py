@@ -111,6 +111,6 @@ def test_selected_by_name_with_its_manifest():
     assert {"numpy", "scipy"} <= set(manifest["packages"])
     assert manifest["config"]["frames"] == "ceil(duration_s * 10)"
     with pytest.raises(StageConfigError, match="--encoder"):
-        check_encoder_options("clap", {})
+        check_encoder_options("beats", {})
     with pytest.raises(StageConfigError, match="no options"):
         check_encoder_options("features", {"layer": 3})

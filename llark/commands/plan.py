@@ -19,7 +19,9 @@ def register(sub) -> None:
         "llark/model/memory.py; check the estimate with a short run.\n\n"
         "With --pipeline RUN_DIR: the cost of the paper's full run (164k tracks, ~1.2M Q/A pairs) in\n"
         "CPU-hours (from the CPU seconds per clip measured in RUN_DIR's ledgers, e.g. runs/demo),\n"
-        "GPU-hours (Jukebox embedding and training, computed from FLOPs) and API spend.",
+        "GPU-hours (embedding with each encoder, and training, computed from FLOPs) and API spend.\n\n"
+        "With --encoder NAME (or all): the GPU time and disk to embed --tracks clips with that encoder at\n"
+        "its real size (Jukebox-5B, MERT-v1-95M/330M, Whisper large-v3, CLAP HTSAT), from its FLOPs.",
     )
     p.add_argument("--model", choices=sorted(MODELS), default="llama2-7b", help="language model size")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="ZeRO stage")
@@ -40,6 +42,11 @@ def register(sub) -> None:
                    help="take the ZeRO stage, offload and bucket sizes from this DeepSpeed config "
                         "(e.g. launch/zero3.json) instead of --zero and --offload-*")
     p.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GB, to say whether it fits")
+    g = p.add_argument_group("embedding cost per encoder (--encoder)")
+    g.add_argument("--encoder", choices=["all", "jukebox", "mert", "whisper", "clap"], default=None,
+                   help="print the GPU time and disk to embed --tracks clips with this encoder at its real size "
+                        "(all: every one, beside Jukebox-5B)")
+    g.add_argument("--clip-seconds", type=float, default=25.0, help="seconds per clip (--encoder)")
     g = p.add_argument_group("full-run cost (--pipeline)")
     g.add_argument("--pipeline", type=Path, default=None, metavar="RUN_DIR",
                    help="size the full run from the figures measured in this run directory")
@@ -57,6 +64,16 @@ def run(args) -> int:
 
     if args.pipeline is not None:
         return run_pipeline_plan(args)
+    if args.encoder is not None:
+        from pipeline.encoders.costs import cost_table
+
+        if not 0 < args.gpu_utilization <= 1 or args.clip_seconds <= 0 or args.tracks < 1:
+            print("llark plan: error: --gpu-utilization must be in (0, 1], --clip-seconds and --tracks positive",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        for line in cost_table(args.tracks, args.clip_seconds, args.gpu_tflops, args.gpu_utilization, args.encoder):
+            print(line)
+        return EXIT_OK
     from llark.model.memory import MODELS, deepspeed_settings, format_plan, plan_memory
 
     zero = {"zero_stage": args.zero, "offload_optimizer": args.offload_optimizer,

@@ -14,7 +14,18 @@ name              dim    rate      what it is
                                    weights, numpy/scipy only (the embedded default)
 ``jukebox``       4800   10 Hz     Jukebox-5B's top prior cut after layer 36, mean-pooled in
                                    100 ms windows (the paper's encoder); needs its weights
+``mert``          768 /  75 Hz     MERT-v1-95M / 330M (HuBERT modules), 5 s windows at 24 kHz;
+                  1024   (10)      ``--layers`` one state, a mean, or all 13 / 25 kept
+``whisper``       384 -  50 Hz     Whisper's encoder (tiny ... large-v3), 30 s windows at
+                  1280   (10)      16 kHz; frames past the audio's end dropped
+``clap``          768    3.2 Hz    LAION CLAP's HTSAT audio tower, time-resolved, 10 s windows
+                                   at 48 kHz
 ================  =====  ========  ==========================================================
+
+The three Hugging Face encoders (``pipeline.encoders.pretrained``) read a local checkpoint in
+its published layout and pool to ``--frame-rate`` (10 Hz by default where the encoder is faster;
+in brackets above). With ``--layers all`` the arrays are ``[states, frames, dim]``
+(:func:`stored_states` says how many states), for a connector that learns its own mix of layers.
 
 ``encoder.json`` (see :func:`encoder_manifest`) sits beside the embeddings and beside the shards so
 that a consumer can refuse arrays that came from another encoder, layer, rate, dimension or dtype.
@@ -38,6 +49,8 @@ from pipeline.runner import StageConfigError
 ENCODER_MODULES = {
     "features": "pipeline.encoders.features",
     "jukebox": "pipeline.encoders.jukebox",
+    "mert": "pipeline.encoders.mert",
+    "whisper": "pipeline.encoders.whisper",
 }
 MANIFEST_VERSION = 1
 # The fields a consumer must agree on; package versions are recorded but only informative.
@@ -162,6 +175,14 @@ def describe_differences(differences: list[EncoderDifference]) -> str:
     return "; ".join(map(str, differences))
 
 
+def stored_states(manifest: dict[str, Any]) -> int | None:
+    """How many hidden states each stored array holds (``[states, frames, dim]``) when the
+    embeddings keep every layer (``layer: "all"``); None for ``[frames, dim]`` arrays."""
+    if manifest.get("layer") != "all":
+        return None
+    return int(manifest["config"]["hidden_states"])
+
+
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Write ``encoder.json`` into ``directory`` atomically; return its path."""
     directory = Path(directory)
@@ -169,8 +190,9 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     return write_json(directory / ENCODER_JSON, manifest, sort_keys=True)
 
 
-def prepare_audio(audio: np.ndarray, sr: int, target_sr: int = 44_100) -> np.ndarray:
-    """Mono float32 at ``target_sr``, peak-normalised; raises ValueError on empty or non-finite audio."""
+def prepare_audio(audio: np.ndarray, sr: int, target_sr: int = 44_100, peak_normalise: bool = True) -> np.ndarray:
+    """Mono float32 at ``target_sr``, peak-normalised unless told otherwise; raises ValueError on empty
+    or non-finite audio."""
     x = np.asarray(audio, dtype=np.float32)
     if x.ndim == 2:
         x = x.mean(axis=1, dtype=np.float64).astype(np.float32)
@@ -183,4 +205,4 @@ def prepare_audio(audio: np.ndarray, sr: int, target_sr: int = 44_100) -> np.nda
 
         x = soxr.resample(x, sr, target_sr, quality="HQ").astype(np.float32)
     peak = float(np.max(np.abs(x)))
-    return x / peak if peak > 0 else x
+    return x / peak if peak > 0 and peak_normalise else x

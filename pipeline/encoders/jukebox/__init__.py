@@ -40,14 +40,14 @@ same code; tests run it on a tiny random-init model of the same architecture
 (:data:`JUKEBOX_TINY`, written by :func:`write_random_weights` in the release's file format).
 
 The code is split by job: ``architecture`` (the release's constants and numbers, windows and
-frames), ``layer_cut`` (the model and its memory estimate), ``weights`` (the checkpoints) and
-``devices``; this module holds the encoder and the encoder-module interface.
+frames), ``layer_cut`` (the model and its memory estimate) and ``weights`` (the checkpoints), with the
+device choice shared with the other encoders in ``pipeline.encoders.devices``; this module holds
+the encoder and the encoder-module interface.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ from pipeline.encoders.jukebox.architecture import (
     plan_windows,
     token_frames,
 )
-from pipeline.encoders.jukebox.devices import claim_gpu, resolve_compute_dtype, resolve_device
+from pipeline.encoders.devices import check_device, claim_gpu, resolve_compute_dtype, resolve_device
 from pipeline.encoders.jukebox.layer_cut import _jukebox_modules, estimate_gpu_memory
 from pipeline.encoders.jukebox.weights import (
     build_reference_models,
@@ -239,19 +239,7 @@ def check_options(options: dict[str, Any], devices_here: bool = True) -> dict[st
     if missing:
         raise StageConfigError(missing_weights_message(weights_dir, missing))
     _jukebox_modules()
-    import torch
-
-    if not devices_here and opts["device"] == "auto":
-        raise StageConfigError("--device: say cpu or cuda when the workers run on other machines")
-    device = resolve_device(opts["device"])
-    if not (device == "cpu" or device == "cuda" or re.fullmatch(r"cuda:\d+", device)):
-        raise StageConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {opts['device']!r}")
-    compute = resolve_compute_dtype(opts["compute_dtype"], device)
-    if devices_here and device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise StageConfigError(f"--device {opts['device']}: CUDA is not available on this machine")
-        if compute == "bfloat16" and not torch.cuda.is_bf16_supported():
-            raise StageConfigError("--compute-dtype bfloat16: this GPU does not support bfloat16; use float16")
+    device, compute = check_device(opts["device"], opts["compute_dtype"], devices_here)
     return {
         **opts, "weights_dir": str(weights_dir.resolve()), "layer": int(opts["layer"]),
         "batch_windows": int(opts["batch_windows"]), "device": device, "compute_dtype": compute,

@@ -52,3 +52,26 @@ def resolve_compute_dtype(compute_dtype: str, device: str) -> str:
         return compute_dtype
     return "float16" if device.startswith("cuda") else "float32"
 
+
+
+def check_device(device_option: str, compute_option: str, devices_here: bool) -> tuple[str, str]:
+    """``--device`` and ``--compute-dtype`` resolved and checked against this machine (when the
+    workers run here); raises StageConfigError naming the option."""
+    import re
+
+    import torch
+
+    from pipeline.runner import StageConfigError
+
+    if not devices_here and device_option == "auto":
+        raise StageConfigError("--device: say cpu or cuda when the workers run on other machines")
+    device = resolve_device(device_option)
+    if not (device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise StageConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device_option!r}")
+    compute = resolve_compute_dtype(compute_option, device)
+    if devices_here and device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StageConfigError(f"--device {device_option}: CUDA is not available on this machine")
+        if compute == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise StageConfigError("--compute-dtype bfloat16: this GPU does not support bfloat16; use float16")
+    return device, compute
