@@ -35,7 +35,7 @@ def test_the_table_compares_every_encoder_with_jukebox(capsys):
     assert costs["Whisper large-v3 encoder"].flop_per_clip(25.0) == costs["Whisper large-v3 encoder"].flop_per_clip(30.0)
     assert storage_per_clip(costs["MERT-v1-95M"], "one") == 250 * 768 * 2
     assert storage_per_clip(costs["MERT-v1-330M"], "all") == 25 * 250 * 1024 * 2
-    assert storage_per_clip(costs["CLAP HTSAT"], "one") == 80 * 768 * 2  # 3.2 Hz
+    assert storage_per_clip(costs["CLAP HTSAT (clap-htsat)"], "one") == 80 * 768 * 2  # 3.2 Hz
     assert llark.cli.main(["plan", "--encoder", "mert", "--tracks", "1000"]) == 0
     out = capsys.readouterr().out
     assert "embedding 1,000 clips of 25 s" in out and "Jukebox-5B, layer 36" in out and "MERT-v1-95M" in out

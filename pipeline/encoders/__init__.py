@@ -18,8 +18,8 @@ name              dim    rate      what it is
                   1024   (10)      ``--layers`` one state, a mean, or all 13 / 25 kept
 ``whisper``       384 -  50 Hz     Whisper's encoder (tiny ... large-v3), 30 s windows at
                   1280   (10)      16 kHz; frames past the audio's end dropped
-``clap``          768    3.2 Hz    LAION CLAP's HTSAT audio tower, time-resolved, 10 s windows
-                                   at 48 kHz
+``clap``          768 /  3.2 Hz    LAION CLAP's HTSAT audio tower, time-resolved, 10 s windows
+                  1024             at 48 kHz (1024 for the larger_clap checkpoints)
 ================  =====  ========  ==========================================================
 
 The three Hugging Face encoders (``pipeline.encoders.pretrained``) read a local checkpoint in
@@ -51,6 +51,7 @@ ENCODER_MODULES = {
     "jukebox": "pipeline.encoders.jukebox",
     "mert": "pipeline.encoders.mert",
     "whisper": "pipeline.encoders.whisper",
+    "clap": "pipeline.encoders.clap",
 }
 MANIFEST_VERSION = 1
 # The fields a consumer must agree on; package versions are recorded but only informative.

@@ -11,8 +11,10 @@ within a window of ``w`` tokens: ``4nwd``). Convolutions cost ``2 × outputs × 
   blocks over 5 s windows (375 frames).
 - Whisper large-v3: two convolutions on 128 mel bins at 100 Hz, then 32 × 1280 blocks over 1500
   frames; every window is 30 s, so a 25 s clip pays for 30 s.
-- CLAP HTSAT (Swin-T, depths 2-2-6-2, width 96 doubling per stage, 8 × 8 windows) on a 256 × 256
-  image folded from 10 s of 64-bin mel spectrogram: a 25 s clip is three windows.
+- CLAP HTSAT (Swin-T, depths 2-2-6-2, width 96 doubling per stage, 8 × 8 windows; the
+  ``clap-htsat-*`` checkpoints, 768 wide) on a 256 × 256 image folded from 10 s of 64-bin mel
+  spectrogram: a 25 s clip is three windows. The ``larger_clap`` checkpoints (2-2-12-2, 1024 wide)
+  cost about twice as much.
 
 GPU seconds = FLOP / (peak × utilisation). The default peak is an A100's dense bf16 312 TFLOPS.
 """
@@ -92,7 +94,7 @@ def encoder_costs() -> list[EncoderCost]:
         EncoderCost("whisper", "Whisper large-v3 encoder", 30.0, whisper_window_flops(), 1280, 33, 50.0),
         EncoderCost("mert", "MERT-v1-330M", 5.0, mert330, 1024, 25, 75.0),
         EncoderCost("mert", "MERT-v1-95M", 5.0, mert95, 768, 13, 75.0),
-        EncoderCost("clap", "CLAP HTSAT", 10.0, htsat_window_flops(), 768, 1, 3.2),
+        EncoderCost("clap", "CLAP HTSAT (clap-htsat)", 10.0, htsat_window_flops(), 768, 1, 3.2),
     ]
 
 

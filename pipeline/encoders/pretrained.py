@@ -382,15 +382,20 @@ def torch_dtype(name: str):
 
 
 def load_module(module_class, config, directory: Path, rename: Callable[[str], str | None], device: str,
-                compute_dtype: str, optional: tuple[str, ...] = ()):
+                compute_dtype: str, optional: tuple[str, ...] = (), computed: Callable | None = None):
     """``module_class(config)`` built on the meta device (no random initialisation of a large model),
-    given the checkpoint's tensors, in eval mode on ``device`` and ``compute_dtype``."""
+    given the checkpoint's tensors, in eval mode on ``device`` and ``compute_dtype``. ``computed(model)``
+    gives the buffers a model computes rather than learns (index tables), used where the checkpoint
+    lacks them: after ``to_empty`` anything not loaded would be uninitialised memory."""
     import torch
 
     with torch.device("meta"):
         model = module_class(config)
     model.to_empty(device="cpu")
-    load_weights(model, read_state_dict(directory, rename), directory, optional=optional)
+    tensors = read_state_dict(directory, rename)
+    for key, value in (computed(model) if computed else {}).items():
+        tensors.setdefault(key, value)
+    load_weights(model, tensors, directory, optional=optional)
     return model.to(device=device, dtype=torch_dtype(compute_dtype)).eval()
 
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-ENCODERS = ("mert", "whisper")
+ENCODERS = ("mert", "whisper", "clap")
 
 
 def write_standin(name: str, directory: Path) -> Path:
