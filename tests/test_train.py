@@ -150,7 +150,7 @@ def test_resume_refuses_another_schedule_length_unless_asked_and_another_worker_
     read_trainer_state(checkpoint, 1, config(**{"optim.max_steps": 200_000, "optim.extend_schedule": True}))
     with pytest.raises(TrainConfigError, match=r"data.num_workers"):
         read_trainer_state(checkpoint, 1, config(**{"data.num_workers": 4}))
-    read_trainer_state(checkpoint, 1, config(log_every=5, save_every=50))
+    read_trainer_state(checkpoint, 1, config(log_every=5, save_every=50, **{"model.compile": True}))
 
 
 def test_continuing_an_exported_model_in_4bit_keeps_its_weights_and_settings(tmp_path, shards, single_process_env):

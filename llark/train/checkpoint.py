@@ -27,6 +27,7 @@ TRAINER_STATE = "trainer_state.json"  # written last: a checkpoint without it is
 RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "log_every", "tensorboard", "wandb_project", "export",
                      "resume", "output_dir", "export_dir", "deepspeed", "optim.extend_schedule",
                      "model.projector_init", "model.projector_init_samples",  # these two: a new run only
+                     "model.compile",  # the same weights and math, compiled or not
                      "validation.every", "validation.max_examples", "validation.export_best", "validation.tasks",
                      "validation.clips", "validation.embeddings", "validation.max_clips"}
 

@@ -41,6 +41,9 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = Field(
         "sdpa", description="the LM's attention kernel; flash_attention_2/3 need the flash-attn package and a GPU")
     gradient_checkpointing: bool = True
+    compile: bool = Field(False, description="torch.compile each of the LM's decoder layers on its own (as "
+                          "torchtune does; the llark wrapper stays eager): faster steps once the first ones have "
+                          "compiled; not with model.quantization")
     system_prompt: str | None = None
     end_of_turn: str | None = None
     frame_pool: int | None = Field(None, ge=1, description="encoder frames averaged into one audio token; "
@@ -180,6 +183,9 @@ class TrainConfig(_Section):
                                  "sdpa needs nothing")
         if self.model.quantization and self.model.mode != "lora":
             raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        if self.model.compile and self.model.quantization:
+            raise ValueError(f"model.compile: torch.compile cannot compile the bitsandbytes layers of a "
+                             f"{self.model.quantization} LM (model.quantization); set model.compile: false")
         d = self.data
         if d.mixture and d.task_families and not set(d.mixture) <= set(d.task_families):
             raise ValueError(f"data.mixture weighs {sorted(set(d.mixture) - set(d.task_families))}, which "
@@ -237,6 +243,10 @@ def check_run_settings(cfg: TrainConfig, world_size: int, zero_stage: int) -> No
     if zero_stage == 3 and cfg.model.mode == "lora":
         raise TrainConfigError("model.mode: lora with ZeRO-3 is not supported here; LoRA trains few parameters: "
                                "use launch/zero2.json")
+    if cfg.model.compile and zero_stage == 3:
+        raise TrainConfigError("model.compile with ZeRO-3 is not supported: ZeRO-3 gathers each module's parameters "
+                               "in hooks that break every compiled decoder layer into dozens of small graphs and "
+                               "recompiles; use launch/zero2.json, or set model.compile: false")
     if cfg.model.quantization and world_size > 1 and zero_stage == 3:
         raise TrainConfigError("model.quantization (QLoRA) with ZeRO-3 is not supported; use launch/zero2.json")
     if not cfg.data.shards:

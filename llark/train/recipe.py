@@ -231,6 +231,13 @@ class TrainRecipe:
                 self._standardise_projector(model)
         model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
         configure_training(model, m.mode, LoraSettings(**m.lora.model_dump()), m.gradient_checkpointing)
+        if m.compile:
+            from llark.model.compile import compile_decoder_layers
+
+            layers = compile_decoder_layers(model.lm)
+            self._print(f"train: model.compile: the LM's {len(layers)} decoder layers ({type(layers[0]).__name__}) "
+                        "are compiled one by one with torch.compile (inductor); the first steps are slower while "
+                        "they compile, and the audio splicing and the loss run uncompiled")
         self.model, self.tokenizer = model, tokenizer
         self.formatter = ChatFormatter(tokenizer, model.config.end_of_turn, model.config.audio_token)
 
