@@ -268,12 +268,15 @@ class ExampleEncoder:
     """A sample (and optionally one of its pairs) → ``input_ids``, ``labels`` and ``audio``."""
 
     def __init__(self, formatter: ChatFormatter, encoder_dim: int, max_seq_len: int,
-                 system_prompt: str | None = None, frame_pool: int = 1):
+                 system_prompt: str | None = None, frame_pool: int = 1,
+                 audio_tokens: Callable[[int], int] | None = None):
         self.formatter = formatter
         self.encoder_dim = encoder_dim
         self.max_seq_len = max_seq_len
         self.system_prompt = system_prompt
         self.frame_pool = frame_pool
+        # The connector's audio tokens for a clip's (pooled) frames: one per frame unless it says otherwise.
+        self.audio_tokens = audio_tokens or (lambda frames: frames)
 
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
         audio = pool_frames(decode_audio(sample, self.encoder_dim), self.frame_pool)
@@ -282,14 +285,15 @@ class ExampleEncoder:
         while True:
             messages = self.formatter.conversation(pairs, self.system_prompt)
             try:
-                encoded = self.formatter.encode(messages, audio.shape[0])
+                encoded = self.formatter.encode(messages, self.audio_tokens(audio.shape[0]))
             except ChatFormatError as exc:
                 raise BadSample(f"sample {sample.key}: {exc}") from None
             if len(encoded.input_ids) <= self.max_seq_len:
                 break
             if len(pairs) == 1:
-                raise SampleTooLong(f"sample {sample.key}: {len(encoded.input_ids)} tokens ({audio.shape[0]} audio "
-                                    f"frames) > data.max_seq_len {self.max_seq_len}")
+                raise SampleTooLong(f"sample {sample.key}: {len(encoded.input_ids)} tokens "
+                                    f"({self.audio_tokens(audio.shape[0])} audio tokens) > data.max_seq_len "
+                                    f"{self.max_seq_len}")
             pairs = pairs[:-1]  # a multi-turn conversation loses its last turns until it fits
         return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio,
                 "dropped_turns": asked - len(pairs)}

@@ -100,7 +100,8 @@ class Llark:
         return np.dtype(name if name in ("float16", "float32") else "float32")
 
     def prompt_ids(self, question: str, n_frames: int) -> list[int]:
-        return self.formatter.encode_prompt(self.formatter.prompt(question, self.config.system_prompt), n_frames)
+        return self.formatter.encode_prompt(self.formatter.prompt(question, self.config.system_prompt),
+                                            self.config.audio_tokens(n_frames))
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],

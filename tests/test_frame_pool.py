@@ -139,21 +139,20 @@ def test_frame_statistics_are_those_of_the_pooled_frames(shards):
 
 
 def test_standardised_projector_centres_and_scales_unnormalised_frames():
-    from torch import nn
-
+    from llark.model.connectors.linear import LinearConnector
     from llark.model.llark import standardise_projector
 
     rng = np.random.default_rng(0)
     centre, spread = rng.uniform(-200, 200, DIM), rng.uniform(0.1, 80, DIM)
     frames = (centre + spread * rng.standard_normal((4000, DIM))).astype(np.float32)
-    projector = nn.Linear(DIM, 32)
+    projector = LinearConnector(DIM, 32)
     default_out = projector(torch.from_numpy(frames)).detach().numpy()
     standardise_projector(projector, frames.mean(0), frames.std(0), token_std=0.05, seed=3)
     out = projector(torch.from_numpy(frames)).detach().numpy()
     assert np.abs(out.mean(axis=0)).max() < 0.01  # centred per output dimension
     assert 0.035 < out.std() < 0.065  # the token embeddings' spread
     assert np.abs(default_out).mean() > 20  # what the default init hands the LM for these frames
-    again = nn.Linear(DIM, 32)
+    again = LinearConnector(DIM, 32)
     standardise_projector(again, frames.mean(0), frames.std(0), token_std=0.05, seed=3)
     assert torch.equal(again.weight, projector.weight) and torch.equal(again.bias, projector.bias)
     with pytest.raises(ModelConfigError, match="frame statistics"):

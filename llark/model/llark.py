@@ -1,11 +1,14 @@
-"""The LLark model: a chat language model plus a linear projector from audio frames to its embeddings.
+"""The LLark model: a chat language model plus a connector from audio frames to its embeddings.
 
 Audio enters as precomputed encoder frames ``[frames, encoder_dim]`` (Jukebox layer 36 at 10 Hz in
-the paper; the encoder itself is frozen and not part of this model). One linear layer maps every
-frame to the language model's hidden size, and the projected frames replace the input embeddings
-of the audio placeholder tokens in the user turn (one placeholder per frame; see
-:mod:`llark.model.chat`). Clips of different lengths share a batch: ``audio`` is padded to the
-longest clip and ``audio_frames`` says how many frames of each row are real.
+the paper; the encoder itself is frozen and not part of this model). The connector (the paper's
+one linear layer by default; an MLP or a window-level Q-Former, :mod:`llark.model.connectors`)
+maps the frames to audio tokens of the language model's hidden size, which replace the input
+embeddings of the audio placeholder tokens in the user turn (one placeholder per audio token,
+``tokens_for(frames)`` of them; see :mod:`llark.model.chat`). Clips of different lengths share a
+batch: ``audio`` is padded to the longest clip and ``audio_frames`` says how many frames of each
+row are real. The connector is called ``projector`` throughout (its weights are
+``projector.safetensors``).
 
 Builders on two levels: :func:`build_llark` takes a :class:`LlarkConfig`; the named builders fix a
 model: :func:`llark_llama2_7b_chat` (the paper: Llama-2-7b-chat, 4800 → 4096 projector) and
@@ -20,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -34,6 +36,7 @@ from torch import nn
 
 from llark.errors import LlarkConfigError
 from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
+from llark.model.connectors import ConnectorConfigError, audio_tokens, build_connector, check_connector
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +61,13 @@ class LlarkConfig:
     end_of_turn: str | None = None  # the token closing an assistant turn; None: the tokenizer's EOS
     system_prompt: str | None = None
     encoder: dict[str, Any] | None = None  # the encoder.json identity the projector was trained on
-    frame_pool: int = 1  # encoder frames averaged into one audio token (see pool_frames)
+    frame_pool: int = 1  # encoder frames averaged before the connector (see pool_frames)
+    connector: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})  # see llark.model.connectors
     format_version: int = FORMAT_VERSION
+
+    def audio_tokens(self, frames: int) -> int:
+        """Placeholders (audio tokens) for ``frames`` pooled frames."""
+        return audio_tokens(self.connector, frames)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -73,6 +81,10 @@ class LlarkConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ModelConfigError(f"{path}: unknown fields {unknown}")
+        try:
+            data["connector"] = check_connector(data.get("connector"))
+        except ConnectorConfigError as exc:
+            raise ModelConfigError(f"{path}: {exc}") from None
         return cls(**data)
 
 
@@ -106,17 +118,19 @@ class LlarkModel(nn.Module):
         self.config = config
 
     def embed(self, input_ids: torch.Tensor, audio: torch.Tensor, audio_frames: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with each row's placeholders replaced, in order, by its projected frames."""
+        """Token embeddings with each row's placeholders replaced, in order, by its audio tokens."""
         embeds = self.lm.get_input_embeddings()(input_ids)
         placeholders = input_ids == self.audio_token_id
-        # The projector runs for every batch, even one without audio, so that every rank issues the
+        # The connector runs for every batch, even one without audio, so that every rank issues the
         # same collectives under ZeRO-3.
-        projected = self.projector(audio.to(self.projector.weight.dtype))
-        frames = torch.arange(audio.shape[1], device=audio.device)[None, :] < audio_frames[:, None]
+        dtype = next(self.projector.parameters()).dtype
+        tokens = self.projector(audio.to(dtype), audio_frames)
+        wanted = self.projector.token_counts(audio_frames)
+        real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < wanted[:, None].to(tokens.device)
         counts = placeholders.sum(dim=1)
-        if not torch.equal(counts.to(audio_frames.device), audio_frames):
-            raise ValueError(f"audio placeholders per row {counts.tolist()} != audio frames {audio_frames.tolist()}")
-        return embeds.masked_scatter(placeholders.unsqueeze(-1), projected[frames].to(embeds.dtype))
+        if not torch.equal(counts.to(wanted.device), wanted):
+            raise ValueError(f"audio placeholders per row {counts.tolist()} != audio tokens {wanted.tolist()}")
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), tokens[real].to(embeds.dtype))
 
     def forward(self, input_ids, attention_mask, audio, audio_frames, labels=None, loss_denominator=None):
         """Without labels ``(logits, None)``: the logits at every position. With labels ``(None, loss)``.
@@ -291,7 +305,11 @@ def build_llark(
         # A multiple of 64 keeps the embedding and output matrices on the GPU's fast tile sizes.
         lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
     hidden = lm.get_input_embeddings().embedding_dim
-    projector = nn.Linear(config.encoder_dim, hidden, dtype=DTYPES[dtype], device=lm.get_input_embeddings().weight.device)
+    try:
+        projector = build_connector(config.connector, config.encoder_dim, hidden, dtype=DTYPES[dtype],
+                                    device=lm.get_input_embeddings().weight.device)
+    except (ConnectorConfigError, ValueError) as exc:
+        raise ModelConfigError(str(exc)) from None
     if projector_state is not None:
         load_projector_state(projector, projector_state)
     model = LlarkModel(lm, projector, tokenizer.convert_tokens_to_ids(config.audio_token), config)
@@ -330,32 +348,21 @@ def write_tiny_llama(out_dir: str | os.PathLike, tokenizer, hidden: int = 64, la
     return out_dir
 
 
-@torch.no_grad()
-def standardise_projector(projector: nn.Linear, mean: np.ndarray, std: np.ndarray, token_std: float,
-                          seed: int = 0, min_relative_std: float = 0.1) -> None:
-    """Initialise ``projector`` so that audio tokens with the given per-dimension ``mean`` and ``std``
-    come out centred, with the spread ``token_std`` of the LM's own token embeddings.
+def standardise_projector(projector: nn.Module, mean: np.ndarray, std: np.ndarray, token_std: float,
+                          seed: int = 0) -> None:
+    """Initialise the connector so that frames with the given per-dimension ``mean`` and ``std`` come
+    out as audio tokens centred, with the spread ``token_std`` of the LM's own token embeddings.
 
-    ``W = N(0, 1) * token_std / sqrt(dim) / std`` (column-wise) and ``b = -W @ mean``: the same as a
-    random projection of the standardised frames. PyTorch's default init ignores the frames' scale:
-    unnormalised encoder outputs (Jukebox activations, log-mel energies) then land orders of
-    magnitude away from the token embeddings, and the frozen LM reads every clip as the same
-    out-of-range input, which a projector-only stage is slow to undo. A dimension that hardly varies
-    (a silent mel band) is scaled as if its spread were ``min_relative_std`` x the median spread,
-    so that its noise is not amplified into the audio tokens.
+    PyTorch's default init ignores the frames' scale: unnormalised encoder outputs (Jukebox
+    activations, log-mel energies) then land orders of magnitude away from the token embeddings,
+    and the frozen LM reads every clip as the same out-of-range input, which a projector-only stage
+    is slow to undo. Each connector's ``initialise`` standardises the frames at its input layer
+    (a random projection of the standardised frames) and scales its output layer to ``token_std``.
     """
-    dim = projector.in_features
-    if mean.shape != (dim,) or std.shape != (dim,):
-        raise ModelConfigError(f"frame statistics of shape {mean.shape}/{std.shape} for a projector from {dim}")
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(projector.out_features, dim, generator=generator, dtype=torch.float64)
-    weight *= token_std / math.sqrt(dim)
-    floor = max(float(np.median(std)) * min_relative_std, 1e-8)
-    weight /= torch.from_numpy(np.maximum(std, floor).astype(np.float64))[None, :]
-    bias = -(weight @ torch.from_numpy(mean.astype(np.float64)))
-    projector.weight.copy_(weight.to(projector.weight.dtype))
-    if projector.bias is not None:
-        projector.bias.copy_(bias.to(projector.bias.dtype))
+    try:
+        projector.initialise(mean, std, token_std, seed)
+    except ValueError as exc:
+        raise ModelConfigError(str(exc)) from None
 
 
 def token_embedding_std(lm: nn.Module) -> float:
@@ -434,12 +441,13 @@ def projector_state(model: LlarkModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
 
 
-def load_projector_state(projector: nn.Linear, state: dict[str, torch.Tensor]) -> None:
+def load_projector_state(projector: nn.Module, state: dict[str, torch.Tensor]) -> None:
     expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
-        raise ModelConfigError(f"projector weights {found} do not fit the projector {expected}")
-    projector.load_state_dict({k: v.to(projector.weight.dtype) for k, v in state.items()})
+        raise ModelConfigError(f"connector weights {found} do not fit the connector {expected}")
+    dtype = next(projector.parameters()).dtype
+    projector.load_state_dict({k: v.to(dtype) for k, v in state.items()})
 
 
 def save_projector(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -30,6 +30,25 @@ class LoraSection(_Section):
         description="the LM's linear layers that get adapters (names as in its modeling code), or 'all-linear'")
 
 
+class ConnectorSection(_Section):
+    """``model.connector``: what turns encoder frames into audio tokens (llark.model.connectors)."""
+
+    name: Literal["linear", "mlp", "qformer"] = Field(
+        "linear", description="linear: the paper's projector; mlp: Linear-GELU-Linear; qformer: window-level Q-Former")
+    hidden: int | None = Field(None, ge=1, description="mlp: hidden width (default: the LM's)")
+    window: int | None = Field(None, ge=1, description="qformer: frames per window (default 3: 0.3 s at 10 Hz)")
+    queries: int | None = Field(None, ge=1, description="qformer: learned queries (audio tokens) per window (default 1)")
+    layers: int | None = Field(None, ge=1, description="qformer: blocks (default 2)")
+    heads: int | None = Field(None, ge=1, description="qformer: attention heads (default 4)")
+    width: int | None = Field(None, ge=1, description="qformer: width of its blocks (default: the LM's, at most 768)")
+
+    def settings(self) -> dict:
+        """The connector's settings as ``llark_config.json`` keeps them (defaults filled in)."""
+        from llark.model.connectors import check_connector
+
+        return check_connector({k: v for k, v in self.model_dump().items() if v is not None})
+
+
 class ModelSection(_Section):
     lm_path: str = Field("smollm2", description="local HF directory of the chat LM, or 'smollm2' (embedded default)")
     encoder_dim: int | None = Field(None, ge=1, description="projector input; None: the shards' encoder.json dim")
@@ -41,6 +60,7 @@ class ModelSection(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = Field(
         "sdpa", description="the LM's attention kernel; flash_attention_2/3 need the flash-attn package and a GPU")
     gradient_checkpointing: bool = True
+    connector: ConnectorSection = ConnectorSection()
     compile: bool = Field(False, description="torch.compile each of the LM's decoder layers on its own (as "
                           "torchtune does; the llark wrapper stays eager): faster steps once the first ones have "
                           "compiled; not with model.quantization")
@@ -183,6 +203,10 @@ class TrainConfig(_Section):
                                  "sdpa needs nothing")
         if self.model.quantization and self.model.mode != "lora":
             raise ValueError("model.quantization needs model.mode: lora (QLoRA); a quantized LM cannot be trained in full")
+        try:
+            self.model.connector.settings()
+        except ValueError as exc:  # ConnectorConfigError names model.connector.<field>
+            raise ValueError(str(exc)) from None
         if self.model.compile and self.model.quantization:
             raise ValueError(f"model.compile: torch.compile cannot compile the bitsandbytes layers of a "
                              f"{self.model.quantization} LM (model.quantization); set model.compile: false")

@@ -117,6 +117,9 @@ class TrainRecipe:
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
                 raise TrainConfigError(f"model.frame_pool ({cfg.model.frame_pool}) differs from model.init_from's "
                                        f"({trained.frame_pool}); leave it unset to continue with the trained one")
+            if "connector" in cfg.model.model_fields_set and cfg.model.connector.settings() != trained.connector:
+                raise TrainConfigError(f"model.connector ({cfg.model.connector.settings()}) differs from model.init_from's "
+                                       f"({trained.connector}); leave it unset to continue with the trained one")
             if cfg.model.encoder_dim and cfg.model.encoder_dim != trained.encoder_dim:
                 raise TrainConfigError(f"model.encoder_dim ({cfg.model.encoder_dim}) differs from the projector of "
                                        f"model.init_from ({trained.encoder_dim})")
@@ -225,7 +228,8 @@ class TrainRecipe:
         else:
             check_encoder(manifest, self._encoder_dim)
             llark_cfg = LlarkConfig(lm_path=m.lm_path, encoder_dim=self._encoder_dim, system_prompt=m.system_prompt,
-                                    end_of_turn=m.end_of_turn, frame_pool=m.frame_pool or 1)
+                                    end_of_turn=m.end_of_turn, frame_pool=m.frame_pool or 1,
+                                    connector=m.connector.settings())
             model, tokenizer = build_llark(llark_cfg, quantization=m.quantization, **model_kwargs)
             if m.projector_init == "standardise" and new_projector:
                 self._standardise_projector(model)
@@ -261,7 +265,7 @@ class TrainRecipe:
 
         cfg, d, model = self.cfg, self.cfg.data, self.model
         encode = ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len, model.config.system_prompt,
-                                model.config.frame_pool)
+                                model.config.frame_pool, model.config.audio_tokens)
         settings = StreamSettings(
             micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, num_workers=d.num_workers, group_shards=d.group_shards,

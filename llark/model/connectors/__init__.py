@@ -1,0 +1,72 @@
+"""Connectors: encoder frames ``[batch, frames, dim]`` → audio tokens ``[batch, tokens, hidden]``.
+
+Each is one file with the same interface (:class:`Connector`): ``in_features`` and
+``out_features``; ``tokens_for(frames)``, the number of audio tokens a clip of ``frames`` frames
+becomes, known before the forward pass so that the prompt's placeholders can be laid out;
+``forward(audio, audio_frames)`` on right-padded frames, returning right-padded tokens; and
+``input_layer``, the linear layer that reads the frames (``projector_init: standardise`` sets it
+from the training frames' statistics).
+
+==============  ===============================================================================
+``linear``      the paper's projector: one token per frame, ``W x + b`` (the default; its
+                weights keep the file layout of every earlier export)
+``mlp``         Linear-GELU-Linear (LLaVA-1.5, Audio Flamingo 3), one token per frame
+``qformer``     window-level Q-Former (SALMONN): each window of ``window`` frames gives
+                ``queries`` learned queries that cross-attend to the window's frames through
+                ``layers`` blocks; ``ceil(frames / window) × queries`` tokens
+==============  ===============================================================================
+
+The settings are a dict (``model.connector`` in the training config, ``connector`` in
+``llark_config.json``); :func:`check_connector` fills in the defaults and refuses a bad one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llark.model.connectors.linear import LinearConnector
+from llark.model.connectors.mlp import MlpConnector
+from llark.model.connectors.qformer import QFormerConnector
+
+CONNECTORS = {"linear": LinearConnector, "mlp": MlpConnector, "qformer": QFormerConnector}
+Connector = LinearConnector | MlpConnector | QFormerConnector
+
+
+class ConnectorConfigError(ValueError):
+    """A connector setting that cannot work; the message names the field."""
+
+
+def check_connector(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The settings with their defaults; raises ConnectorConfigError naming ``model.connector.<field>``."""
+    settings = dict(settings or {"name": "linear"})
+    name = settings.pop("name", "linear")
+    if name not in CONNECTORS:
+        raise ConnectorConfigError(f"model.connector.name: {name!r} is not a connector (choose from "
+                                   f"{', '.join(CONNECTORS)})")
+    cls = CONNECTORS[name]
+    unknown = sorted(set(settings) - set(cls.DEFAULTS))
+    if unknown:
+        raise ConnectorConfigError(f"model.connector.{unknown[0]}: not a setting of the {name} connector "
+                                   f"(it takes {', '.join(sorted(cls.DEFAULTS)) or 'none'})")
+    full = {**cls.DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
+    for key, value in full.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConnectorConfigError(f"model.connector.{key}: a positive integer, got {value!r}")
+    cls.check(full)
+    return {"name": name, **full}
+
+
+def build_connector(settings: dict[str, Any], in_features: int, out_features: int, dtype: torch.dtype,
+                    device: torch.device | str | None = None) -> nn.Module:
+    checked = check_connector(settings)
+    name = checked.pop("name")
+    return CONNECTORS[name](in_features, out_features, dtype=dtype, device=device, **checked)
+
+
+def audio_tokens(settings: dict[str, Any] | None, frames: int) -> int:
+    """Audio tokens of a clip of ``frames`` (pooled) frames, without building the connector."""
+    checked = check_connector(settings)
+    return CONNECTORS[checked.pop("name")].count_tokens(frames, **checked)
