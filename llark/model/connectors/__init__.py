@@ -55,7 +55,10 @@ def check_connector(settings: dict[str, Any] | None) -> dict[str, Any]:
     for key, value in full.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConnectorConfigError(f"model.connector.{key}: a positive integer, got {value!r}")
-    cls.check(full)
+    try:
+        cls.check(full)
+    except ValueError as exc:
+        raise ConnectorConfigError(str(exc)) from None
     return {"name": name, **full}
 
 
