@@ -20,7 +20,7 @@ Prints:
 - mert, whisper and clap on CPU: clips/s of each tiny random stand-in (``pipeline.encoders.standins``)
   at --batch-size 1 and 4, with the largest difference between the two runs' arrays;
 - every encoder at its real size: TFLOP and A100 GPU-seconds per 25 s clip at 40% utilisation
-  (``llark plan --encoder all``), and the storage of one clip at 10 Hz in float16 with
+  and GPU-hours and disk for 164,000 clips (about the paper's; ``llark plan --encoder all``), and the storage of one clip at 10 Hz in float16 with
   ``--layers 6``, ``6-12`` and ``all``.
 """
 
@@ -190,7 +190,7 @@ def bench_pretrained_cpu(clips: list[np.ndarray], batch_clips: int) -> None:
 def bench_real_size_costs() -> None:
     from pipeline.encoders.costs import cost_table, encoder_costs, storage_per_clip
 
-    for line in cost_table(1, 25.0):
+    for line in cost_table(164_000, 25.0):  # about the paper's training clips
         print(line)
     print("storage of one 25 s clip at 10 Hz (clap: 3.2 Hz), float16:")
     for cost in encoder_costs()[1:]:
