@@ -102,19 +102,24 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
     return ShardSample(key=key, pairs=pairs, npy=raw["npy"], frames=frames)
 
 
-def decode_audio(sample: ShardSample, dim: int) -> np.ndarray:
-    """The embedding as ``[frames, dim]``; a pickled, misshapen or non-finite array is a BadSample."""
+def decode_audio(sample: ShardSample, dim: int, states: int | None = None) -> np.ndarray:
+    """The embedding as ``[frames, dim]``, or, for embeddings that keep ``states`` hidden states
+    (stored ``[states, frames, dim]``), as ``[frames, states, dim]``, frames first as every array
+    the model side handles; a pickled, misshapen or non-finite array is a BadSample."""
     try:
         array = load_npy(sample.npy)
     except ValueError as exc:
         raise BadSample(f"sample {sample.key}: unreadable .npy ({exc})") from None
-    if array.dtype not in (np.float16, np.float32) or array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1:
-        raise BadSample(f"sample {sample.key}: embedding {array.dtype} {array.shape}, expected [frames, {dim}] float")
-    if sample.frames is not None and array.shape[0] != sample.frames:
-        raise BadSample(f"sample {sample.key}: {array.shape[0]} frames, its json says {sample.frames}")
+    stored = (states, "frames", dim) if states else ("frames", dim)
+    if array.dtype not in (np.float16, np.float32) or array.ndim != len(stored) or array.shape[-1] != dim \
+            or array.shape[-2] < 1 or (states and array.shape[0] != states):
+        raise BadSample(f"sample {sample.key}: embedding {array.dtype} {array.shape}, expected "
+                        f"[{', '.join(map(str, stored))}] float")
+    if sample.frames is not None and array.shape[-2] != sample.frames:
+        raise BadSample(f"sample {sample.key}: {array.shape[-2]} frames, its json says {sample.frames}")
     if not all_finite(array):
         raise BadSample(f"sample {sample.key}: NaN or infinite values in the embedding")
-    return array
+    return array.transpose(1, 0, 2) if states else array
 
 
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
@@ -161,16 +166,19 @@ def iter_shard(url: str) -> Iterator[dict[str, Any]]:
 
 
 def frame_statistics(urls: list[str], encoder_dim: int, frame_pool: int = 1,
-                     max_samples: int = 512) -> tuple[np.ndarray, np.ndarray, int]:
+                     max_samples: int = 512, states: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Per-dimension mean and standard deviation of the audio tokens the projector will see (the
-    frames pooled by ``frame_pool``), over the first ``max_samples`` samples of ``urls`` in order,
-    so that every rank computes the same figures. Returns ``(mean, std, samples read)``."""
+    frames pooled by ``frame_pool``; with ``states``, the mean of the states, as a new layer mix
+    gives), over the first ``max_samples`` samples of ``urls`` in order, so that every rank
+    computes the same figures. Returns ``(mean, std, samples read)``."""
     total = np.zeros(encoder_dim, dtype=np.float64)
     squares = np.zeros(encoder_dim, dtype=np.float64)
     tokens = samples = 0
     for raw in itertools.chain.from_iterable(iter_shard(url) for url in urls):
         try:
-            audio = pool_frames(decode_audio(read_sample(raw), encoder_dim), frame_pool).astype(np.float64)
+            audio = pool_frames(decode_audio(read_sample(raw), encoder_dim, states), frame_pool).astype(np.float64)
+            if states:
+                audio = audio.mean(axis=1)
         except BadSample as exc:
             log.warning("frame statistics: skipping %s", exc)
             continue
@@ -199,6 +207,13 @@ class ShardSet:
     dirs: list[str]
     entries: list[dict[str, Any]] = field(default_factory=list)  # index.json's entry of each shard, with its url
 
+    @property
+    def states(self) -> int | None:
+        """Hidden states per stored frame (``--layers all``); None for ``[frames, dim]`` embeddings."""
+        from pipeline.encoders import stored_states
+
+        return stored_states(self.manifest)
+
 
 def open_shards(dirs: list[str], split: str = "train", families: list[str] | None = None) -> ShardSet:
     """The shards of ``split`` (and ``families``) listed in each directory's index.json."""
@@ -217,10 +232,6 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
             found = read_manifest(d)
         except StageConfigError as exc:
             raise DataConfigError(f"data.shards: {exc}") from None
-        if found.get("layer") == "all":
-            raise DataConfigError(f"data.shards: {d} holds every hidden state of {found['name']} per clip "
-                                  "([states, frames, dim], layer 'all'); the projector takes [frames, dim]: embed "
-                                  "with --layers L (one state) or --layers A-B (their mean)")
         if manifest is None:
             manifest = found
         elif differences := manifest_differences(manifest, found):
@@ -269,9 +280,9 @@ class ExampleEncoder:
 
     def __init__(self, formatter: ChatFormatter, encoder_dim: int, max_seq_len: int,
                  system_prompt: str | None = None, frame_pool: int = 1,
-                 audio_tokens: Callable[[int], int] | None = None):
+                 audio_tokens: Callable[[int], int] | None = None, states: int | None = None):
         self.formatter = formatter
-        self.encoder_dim = encoder_dim
+        self.encoder_dim, self.states = encoder_dim, states
         self.max_seq_len = max_seq_len
         self.system_prompt = system_prompt
         self.frame_pool = frame_pool
@@ -279,7 +290,7 @@ class ExampleEncoder:
         self.audio_tokens = audio_tokens or (lambda frames: frames)
 
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
-        audio = pool_frames(decode_audio(sample, self.encoder_dim), self.frame_pool)
+        audio = pool_frames(decode_audio(sample, self.encoder_dim, self.states), self.frame_pool)
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
         asked = len(pairs)
         while True:
@@ -306,12 +317,12 @@ def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int
     lengths = [len(e["input_ids"]) for e in examples]
     length = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     frames = max(1, max(e["audio"].shape[0] for e in examples))
-    dim = examples[0]["audio"].shape[1]
+    per_frame = examples[0]["audio"].shape[1:]  # (dim,) or (states, dim)
     # Filled as numpy arrays (a list converts to numpy far faster than to a tensor), shared with torch.
     input_ids = np.full((n, length), pad_id, dtype=np.int64)
     labels = np.full((n, length), IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros((n, length), dtype=np.int64)
-    audio = np.zeros((n, frames, dim), dtype=examples[0]["audio"].dtype)
+    audio = np.zeros((n, frames, *per_frame), dtype=examples[0]["audio"].dtype)
     audio_frames = np.zeros(n, dtype=np.int64)
     for i, (e, t) in enumerate(zip(examples, lengths)):
         input_ids[i, :t] = e["input_ids"]

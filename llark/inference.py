@@ -94,6 +94,16 @@ class Llark:
         return int(self.model.projector.in_features)
 
     @property
+    def audio_states(self) -> int | None:
+        """Hidden states per frame the model mixes (``--layers all``); None for ``[frames, dim]``."""
+        return self.config.audio_states
+
+    @property
+    def frame_shape(self) -> str:
+        return f"[frames, {self.audio_states}, {self.encoder_dim}]" if self.audio_states else \
+            f"[frames, {self.encoder_dim}]"
+
+    @property
     def storage_dtype(self) -> np.dtype:
         """The dtype the training embeddings were stored in (frames are rounded through it)."""
         name = (self.config.encoder or {}).get("dtype", "float32")
@@ -106,16 +116,18 @@ class Llark:
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],
                settings: GenerationSettings = GenerationSettings()) -> list[str]:
-        """One answer per (question, audio frames ``[frames, dim]``), generated as one batch."""
+        """One answer per (question, audio frames ``[frames, dim]``, or ``[frames, states, dim]`` for a
+        model that mixes stored states), generated as one batch."""
         from llark.model.llark import pool_frames
 
         if len(questions) != len(audios):
             raise InferenceError(f"{len(questions)} questions but {len(audios)} audio arrays")
         if not questions:
             return []
+        per_frame = (self.audio_states, self.encoder_dim) if self.audio_states else (self.encoder_dim,)
         for a in audios:
-            if a.ndim != 2 or a.shape[1] != self.encoder_dim or a.shape[0] < 1:
-                raise InferenceError(f"audio frames of shape {a.shape}; this model takes [frames, {self.encoder_dim}]")
+            if a.shape[1:] != per_frame or a.shape[0] < 1:
+                raise InferenceError(f"audio frames of shape {a.shape}; this model takes {self.frame_shape}")
         # Rounded through the training storage dtype, then pooled, as the training loader does.
         audios = [pool_frames(np.asarray(a).astype(self.storage_dtype), self.config.frame_pool) for a in audios]
         prompts = [self.prompt_ids(q, a.shape[0]) for q, a in zip(questions, audios)]
@@ -124,7 +136,7 @@ class Llark:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        audio = torch.zeros((len(prompts), frames, self.encoder_dim), dtype=torch.float32)
+        audio = torch.zeros((len(prompts), frames, *per_frame), dtype=torch.float32)
         for i, (p, a) in enumerate(zip(prompts, audios)):
             input_ids[i, length - len(p):] = torch.tensor(p)
             attention_mask[i, length - len(p):] = 1
@@ -219,7 +231,8 @@ def windows(duration_s: float, start_s: float = 0.0, max_seconds: float = DEFAUL
 
 def encode_file(path: str | os.PathLike, encoder, start_s: float = 0.0,
                 max_seconds: float = DEFAULT_MAX_SECONDS) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """``[frames, dim]`` frames of ``path`` (its windows encoded one by one, concatenated) and the windows."""
+    """``[frames, dim]`` frames of ``path`` (its windows encoded one by one, concatenated; an encoder
+    that keeps every hidden state gives ``[frames, states, dim]``) and the windows."""
     from pipeline.audio import TARGET_SAMPLE_RATE, AudioChecks, AudioError, probe, read_window
 
     checks = AudioChecks(silence_dbfs=-float("inf"), min_duration_s=0.1)  # a quiet window is still music
@@ -229,19 +242,24 @@ def encode_file(path: str | os.PathLike, encoder, start_s: float = 0.0,
         parts = []
         for a, b in spans:
             audio = read_window(info, a, b, target_sample_rate=TARGET_SAMPLE_RATE, checks=checks)
-            frames = encoder.encode(audio, TARGET_SAMPLE_RATE)
-            parts.append(np.asarray(frames, dtype=np.float32))
+            frames = np.asarray(encoder.encode(audio, TARGET_SAMPLE_RATE), dtype=np.float32)
+            parts.append(frames.transpose(1, 0, 2) if frames.ndim == 3 else frames)  # stored [states, frames, dim]
     except AudioError as exc:
         raise InferenceError(str(exc)) from None
     return np.concatenate(parts, axis=0), spans
 
 
-def read_frames(path: str | os.PathLike, dim: int) -> np.ndarray:
-    """A precomputed ``[frames, dim]`` .npy (no pickles)."""
+def read_frames(path: str | os.PathLike, dim: int, states: int | None = None) -> np.ndarray:
+    """A precomputed ``[frames, dim]`` .npy (no pickles), or, with ``states``, one stored as the
+    embed stage stores every hidden state (``[states, frames, dim]``), returned ``[frames, states, dim]``."""
     array = np.load(Path(path), allow_pickle=False)
-    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] < 1 or not np.isfinite(array).all():
-        raise InferenceError(f"{path}: frames of shape {array.shape} ({array.dtype}); expected finite [frames, {dim}]")
-    return array
+    stored = (states, dim) if states else (dim,)
+    shape_ok = array.ndim == len(stored) + 1 and array.shape[-1] == dim and array.shape[-2] >= 1 and \
+        (not states or array.shape[0] == states)
+    if not shape_ok or not np.isfinite(array).all():
+        expected = f"[{states}, frames, {dim}]" if states else f"[frames, {dim}]"
+        raise InferenceError(f"{path}: frames of shape {array.shape} ({array.dtype}); expected finite {expected}")
+    return array.transpose(1, 0, 2) if states else array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +303,7 @@ class Answerer:
         kind, path = request.source
         if (kind, path) not in self._frames:
             if kind == "frames":
-                self._frames[kind, path] = (read_frames(path, self.llark.encoder_dim), None)
+                self._frames[kind, path] = (read_frames(path, self.llark.encoder_dim, self.llark.audio_states), None)
             else:
                 if self._encoder is None:
                     self._encoder = build_encoder_for(self.llark, self.encoder_options)

@@ -127,7 +127,7 @@ def test_answerer_reads_each_input_once_and_keeps_the_order(tiny_model, tmp_path
     np.save(frames, np.zeros((6, FEATURES_DIM), dtype=np.float16), allow_pickle=False)
     reads = []
     read_frames = inference.read_frames
-    monkeypatch.setattr(inference, "read_frames", lambda path, dim: reads.append(path) or read_frames(path, dim))
+    monkeypatch.setattr(inference, "read_frames", lambda path, dim, states=None: reads.append(path) or read_frames(path, dim, states))
     answerer = inference.Answerer(load(tiny_model, dtype="float32", device="cpu"), batch_size=2)
     questions = ["Key?", "Tempo?", "Genre?"]
     results = answerer.answer([inference.Request(q, frames=str(frames)) for q in questions],

@@ -1,6 +1,6 @@
 """``llark embed`` with the Hugging Face encoders (mert, whisper, clap) on their tiny random stand-ins:
-the storage printed before the run, ``--layers all`` arrays through shards and validate-shards and
-refused by training, options another encoder does not take refused; and (slow) embed → shards →
+the storage printed before the run, ``--layers all`` arrays through shards and validate-shards (and,
+slow, mixed by a trained layer mix, exported and asked), options another encoder does not take refused; and (slow) embed → shards →
 train a few steps → ``llark ask`` on an audio file, for each encoder."""
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def shards(run, embeddings, out):
                            "--no-progress"])
 
 
-def test_every_layer_kept_goes_into_shards_and_training_refuses_it(run, tmp_path, capsys):
-    from llark.data import DataConfigError, open_shards
+def test_every_layer_kept_goes_into_shards_as_stored_states(run, tmp_path, capsys):
+    from llark.data import open_shards
 
     assert embed(run, "mert", tmp_path / "emb", "--layers", "all") == 0
     out = capsys.readouterr().out
@@ -76,8 +76,32 @@ def test_every_layer_kept_goes_into_shards_and_training_refuses_it(run, tmp_path
         assert array.shape == (3, round(seconds * 10), 32) and record["frames"] == array.shape[1]
     assert shards(run, tmp_path / "emb", tmp_path / "shards") == 0
     assert llark.cli.main(["validate-shards", str(tmp_path / "shards")]) == 0
-    with pytest.raises(DataConfigError, match=r"every hidden state of mert .*--layers A-B"):
-        open_shards([str(tmp_path / "shards")])
+    assert open_shards([str(tmp_path / "shards")]).states == 3
+
+
+@pytest.mark.slow
+def test_every_mert_layer_is_mixed_trained_exported_and_asked(run, tmp_path, capsys):
+    from safetensors.torch import load_file
+    from test_ask import run_ask
+    from test_train import losses, run_train
+
+    assert embed(run, "mert", tmp_path / "emb", "--layers", "all") == 0
+    assert shards(run, tmp_path / "emb", tmp_path / "shards") == 0
+    run_train(tmp_path / "train", tmp_path / "shards",
+              **{"optim.max_steps": 4, "save_every": 4, "data.num_workers": 1, "global_batch": 2, "micro_batch": 1,
+                 "model.mode": "projector", "optim.projector_lr": 0.05})
+    assert sorted(losses(tmp_path / "train")) == [1, 2, 3, 4]
+    final = tmp_path / "train" / "final"
+    config = json.loads((final / "llark_config.json").read_text())
+    assert config["audio_states"] == 3 and config["encoder"]["layer"] == "all"
+    logits = load_file(str(final / "projector.safetensors"))["layer_mix.logits"]
+    assert logits.shape == (3,) and logits.abs().max() > 0  # trained away from the mean
+    capsys.readouterr()
+    code, stdout, _ = run_ask([str(final), str(run / "wav" / "c1.wav"), "What is the key of this song?", "--json",
+                               "--max-new-tokens", "3", "--encoder-option",
+                               f"weights_dir={run / 'standins' / 'mert'}"], capsys)
+    assert code == 0, stdout
+    assert json.loads(stdout)["frames"] == 35  # 3.5 s at 10 Hz
 
 
 def test_options_of_other_encoders_are_refused_before_any_work(run, tmp_path, capsys):

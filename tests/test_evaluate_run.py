@@ -63,6 +63,7 @@ class OracleModel:
     source = "oracle"
     encoder_identity = {k: v for k, v in _manifest().items() if k not in ("manifest_version", "packages")}
     encoder_dim = DIM
+    audio_states = None
 
     def __init__(self):
         self.calls = 0

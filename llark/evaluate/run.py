@@ -251,7 +251,7 @@ def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, se
             batch = todo[start:start + batch_size]
             max_new = max(settings.max_new_tokens.get(i.task, DEFAULT_MAX_NEW_TOKENS) for i in batch)
             gen = GenerationSettings(**{**settings.generation, "max_new_tokens": max_new})
-            audio = [read_frames(embedding_of[sources[i.clip_id]], llark.encoder_dim) for i in batch]
+            audio = [read_frames(embedding_of[sources[i.clip_id]], llark.encoder_dim, llark.audio_states) for i in batch]
             answers = llark.answer([i.question for i in batch], audio, gen)
             for item, answer in zip(batch, answers):
                 fh.write(json_line({**item.row(), "answer": answer, "audio": condition,

@@ -36,7 +36,7 @@ from torch import nn
 
 from llark.errors import LlarkConfigError
 from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
-from llark.model.connectors import ConnectorConfigError, audio_tokens, build_connector, check_connector
+from llark.model.connectors import ConnectorConfigError, audio_tokens, build_connector, check_connector, mix_layers
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class LlarkConfig:
     encoder: dict[str, Any] | None = None  # the encoder.json identity the projector was trained on
     frame_pool: int = 1  # encoder frames averaged before the connector (see pool_frames)
     connector: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})  # see llark.model.connectors
+    audio_states: int | None = None  # hidden states per frame (--layers all), mixed by the connector's layer_mix
     format_version: int = FORMAT_VERSION
 
     def audio_tokens(self, frames: int) -> int:
@@ -89,8 +90,9 @@ class LlarkConfig:
 
 
 def pool_frames(frames: np.ndarray, pool: int) -> np.ndarray:
-    """``[frames, dim]`` averaged over consecutive groups of ``pool`` frames (the last group may be
-    shorter): ``ceil(frames / pool)`` audio tokens. ``pool`` 1 returns the frames unchanged.
+    """``[frames, dim]`` (or ``[frames, states, dim]``) averaged over consecutive groups of ``pool``
+    frames (the last group may be shorter): ``ceil(frames / pool)`` audio tokens. ``pool`` 1 returns
+    the frames unchanged.
 
     The paper feeds Jukebox frames at 10 Hz (250 tokens for 25 s); a small CPU model learns from far
     fewer audio tokens per example, and every token of the sequence costs compute.
@@ -99,9 +101,9 @@ def pool_frames(frames: np.ndarray, pool: int) -> np.ndarray:
         raise ModelConfigError(f"frame_pool must be >= 1, got {pool}")
     if pool == 1:
         return frames
-    n, dim = frames.shape
+    n, rest = frames.shape[0], frames.shape[1:]
     full = n // pool * pool
-    pooled = frames[:full].astype(np.float32).reshape(-1, pool, dim).mean(axis=1)
+    pooled = frames[:full].astype(np.float32).reshape(-1, pool, *rest).mean(axis=1)
     if full < n:
         pooled = np.concatenate([pooled, frames[full:].astype(np.float32).mean(axis=0, keepdims=True)])
     return pooled.astype(frames.dtype)
@@ -124,7 +126,7 @@ class LlarkModel(nn.Module):
         # The connector runs for every batch, even one without audio, so that every rank issues the
         # same collectives under ZeRO-3.
         dtype = next(self.projector.parameters()).dtype
-        tokens = self.projector(audio.to(dtype), audio_frames)
+        tokens = self.projector(mix_layers(self.projector, audio.to(dtype)), audio_frames)
         wanted = self.projector.token_counts(audio_frames)
         real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < wanted[:, None].to(tokens.device)
         counts = placeholders.sum(dim=1)
@@ -307,7 +309,7 @@ def build_llark(
     hidden = lm.get_input_embeddings().embedding_dim
     try:
         projector = build_connector(config.connector, config.encoder_dim, hidden, dtype=DTYPES[dtype],
-                                    device=lm.get_input_embeddings().weight.device)
+                                    device=lm.get_input_embeddings().weight.device, states=config.audio_states)
     except (ConnectorConfigError, ValueError) as exc:
         raise ModelConfigError(str(exc)) from None
     if projector_state is not None:

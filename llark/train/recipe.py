@@ -229,7 +229,7 @@ class TrainRecipe:
             check_encoder(manifest, self._encoder_dim)
             llark_cfg = LlarkConfig(lm_path=m.lm_path, encoder_dim=self._encoder_dim, system_prompt=m.system_prompt,
                                     end_of_turn=m.end_of_turn, frame_pool=m.frame_pool or 1,
-                                    connector=m.connector.settings())
+                                    connector=m.connector.settings(), audio_states=self.shards.states)
             model, tokenizer = build_llark(llark_cfg, quantization=m.quantization, **model_kwargs)
             if m.projector_init == "standardise" and new_projector:
                 self._standardise_projector(model)
@@ -265,7 +265,7 @@ class TrainRecipe:
 
         cfg, d, model = self.cfg, self.cfg.data, self.model
         encode = ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len, model.config.system_prompt,
-                                model.config.frame_pool, model.config.audio_tokens)
+                                model.config.frame_pool, model.config.audio_tokens, model.config.audio_states)
         settings = StreamSettings(
             micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, num_workers=d.num_workers, group_shards=d.group_shards,
@@ -316,7 +316,7 @@ class TrainRecipe:
 
         m = self.cfg.model
         mean, std, samples = frame_statistics(self.shards.urls, model.projector.in_features, model.config.frame_pool,
-                                              m.projector_init_samples)
+                                              m.projector_init_samples, model.config.audio_states)
         token_std = token_embedding_std(model.lm)
         standardise_projector(model.projector, mean, std, token_std, seed=self.cfg.seed)
         self._print(f"train: projector initialised from the frame statistics of {samples} samples (frames: mean "

@@ -103,8 +103,8 @@ def answer_rows(llark, items: list, rank: int, world_size: int, batch_size: int,
         kept = bool(chunk)
         chunk = chunk or items[:batch_size]
         settings = GenerationSettings(max_new_tokens=max(limits.get(i.task, DEFAULT_MAX_NEW_TOKENS) for i in chunk))
-        answers = llark.answer([i.question for i in chunk], [read_frames(i.embedding_path, llark.encoder_dim)
-                                                              for i in chunk], settings)
+        frames = [read_frames(i.embedding_path, llark.encoder_dim, llark.audio_states) for i in chunk]
+        answers = llark.answer([i.question for i in chunk], frames, settings)
         if kept:
             rows += [{**i.row(), "answer": a, "audio": "real", "audio_from": i.clip_id} for i, a in zip(chunk, answers)]
     return rows

@@ -16,6 +16,9 @@ from the training frames' statistics).
                 ``layers`` blocks; ``ceil(frames / window) × queries`` tokens
 ==============  ===============================================================================
 
+In front of any of them, embeddings that keep every hidden state of the encoder (``--layers all``)
+get a learned softmax-weighted sum over the states (:mod:`llark.model.connectors.layer_mix`).
+
 The settings are a dict (``model.connector`` in the training config, ``connector`` in
 ``llark_config.json``); :func:`check_connector` fills in the defaults and refuses a bad one.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llark.model.connectors.layer_mix import LayerMix
 from llark.model.connectors.linear import LinearConnector
 from llark.model.connectors.mlp import MlpConnector
 from llark.model.connectors.qformer import QFormerConnector
@@ -63,10 +67,25 @@ def check_connector(settings: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def build_connector(settings: dict[str, Any], in_features: int, out_features: int, dtype: torch.dtype,
-                    device: torch.device | str | None = None) -> nn.Module:
+                    device: torch.device | str | None = None, states: int | None = None) -> nn.Module:
+    """The connector; with ``states`` (frames that keep that many hidden states), its ``layer_mix``
+    submodule mixes them first."""
     checked = check_connector(settings)
     name = checked.pop("name")
-    return CONNECTORS[name](in_features, out_features, dtype=dtype, device=device, **checked)
+    connector = CONNECTORS[name](in_features, out_features, dtype=dtype, device=device, **checked)
+    if states is not None:
+        connector.layer_mix = LayerMix(states, dtype=dtype, device=device)
+    return connector
+
+
+def mix_layers(connector: nn.Module, audio: torch.Tensor) -> torch.Tensor:
+    """``[batch, frames, dim]`` frames for the connector: stored states mixed by its ``layer_mix``."""
+    mix = getattr(connector, "layer_mix", None)
+    if mix is None:
+        if audio.ndim != 3:
+            raise ValueError(f"audio of shape {tuple(audio.shape)}; this connector takes [batch, frames, dim]")
+        return audio
+    return mix(audio)
 
 
 def audio_tokens(settings: dict[str, Any] | None, frames: int) -> int:
