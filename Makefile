@@ -116,6 +116,7 @@ bench: setup
 	$(BIN)/python benchmarks/loss_memory.py
 	$(BIN)/python benchmarks/mixture.py
 	$(BIN)/python benchmarks/plan_memory.py
+	$(BIN)/python benchmarks/connectors.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/ingest_folder.py
 

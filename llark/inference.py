@@ -192,15 +192,22 @@ def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
     """The encoder the model was trained on, built with ``options`` (e.g. Jukebox's weights_dir);
     InferenceError when the model names none or the built one differs from it."""
     from pipeline.encoders import (FRAME_FIELDS, build_encoder, check_encoder_options, describe_differences,
-                                   describe_encoder, manifest_differences)
+                                   describe_encoder, encoder_module, manifest_differences)
     from pipeline.runner import StageConfigError
 
     identity = llark.encoder_identity
     if not identity or "name" not in identity:
         raise InferenceError(f"{llark.source}: llark_config.json names no encoder; it cannot encode audio files "
                              "(pass precomputed frames instead)")
+    options = dict(options or {})
     try:
-        checked = check_encoder_options(identity["name"], dict(options or {}))
+        # The layers and frame rate the model was trained on, unless the caller names them (checked below).
+        accepted = getattr(encoder_module(identity["name"]), "DEFAULT_OPTIONS", {})
+        if "layers" in accepted and identity.get("layer") is not None:
+            options.setdefault("layers", identity["layer"])
+        if "frame_rate" in accepted and identity.get("frame_rate_hz"):
+            options.setdefault("frame_rate", identity["frame_rate_hz"])
+        checked = check_encoder_options(identity["name"], options)
         description = describe_encoder(identity["name"], checked)
     except StageConfigError as exc:
         message = str(exc)

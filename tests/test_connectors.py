@@ -201,3 +201,43 @@ def test_llark_train_with_a_qformer_resumes_exactly_and_refuses_another_connecto
         TrainRecipe(load_config(None, {"data.shards": [str(shards)], "model.init_from": str(final),
                                        "model.connector.name": "mlp", "output_dir": str(tmp_path / "more"),
                                        "global_batch": 1, "micro_batch": 1}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,mode,zero", [("qformer", "full", 3), ("mlp", "lora", 2)])
+def test_two_processes_train_each_connector_under_zero_and_resume_exactly(name, mode, zero, tmp_path):
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from fixtures_train import write_shards
+    from safetensors.torch import load_file
+    from test_train import losses, run_train, zero3_json
+
+    from llark.model import load_pretrained
+
+    shards = tmp_path / "shards"
+    write_shards(shards, n_samples=16, n_shards=2, dim=16, frames=(3, 8), pairs=(1, 2))
+    settings = {"model.connector.name": name, "model.mode": mode, "optim.max_steps": 4, "save_every": 2,
+                "data.num_workers": 1, **({"deepspeed": str(zero3_json(tmp_path))} if zero == 3 else {})}
+    if name == "qformer":
+        settings.update({"model.connector.queries": 2, "model.connector.layers": 1, "model.connector.heads": 2})
+    out = tmp_path / "run"
+    result = run_train(out, shards, nproc=2, timeout=400, **settings)
+    assert f"world size 2; ZeRO-{zero}" in result.stdout
+    straight = losses(out)
+    assert sorted(straight) == [1, 2, 3, 4]
+    # The checkpoint's connector is whole, equal to what ZeRO's partitions consolidate to, and the
+    # exported model loads it.
+    checkpoints = out / "checkpoints"
+    saved = load_file(str(checkpoints / "step_00000004" / "projector.safetensors"))
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step_00000004")
+    assert saved.keys() == {k[len("projector."):] for k in consolidated if k.startswith("projector.")}
+    for key, tensor in saved.items():
+        torch.testing.assert_close(tensor, consolidated[f"projector.{key}"], rtol=0, atol=0, msg=key)
+    model, _, _ = load_pretrained(out / "final", dtype="float32")
+    for key, tensor in model.projector.state_dict().items():
+        torch.testing.assert_close(tensor, saved[key], rtol=0, atol=0, msg=key)
+    shutil.rmtree(checkpoints / "step_00000004")
+    shutil.rmtree(out / "final")
+    result = run_train(out, shards, nproc=2, timeout=400, **settings)
+    assert "resuming at step 2" in result.stdout and losses(out) == straight

@@ -97,10 +97,10 @@ def test_every_mert_layer_is_mixed_trained_exported_and_asked(run, tmp_path, cap
     logits = load_file(str(final / "projector.safetensors"))["layer_mix.logits"]
     assert logits.shape == (3,) and logits.abs().max() > 0  # trained away from the mean
     capsys.readouterr()
-    code, stdout, _ = run_ask([str(final), str(run / "wav" / "c1.wav"), "What is the key of this song?", "--json",
+    code, stdout, stderr = run_ask([str(final), str(run / "wav" / "c1.wav"), "What is the key of this song?", "--json",
                                "--max-new-tokens", "3", "--encoder-option",
                                f"weights_dir={run / 'standins' / 'mert'}"], capsys)
-    assert code == 0, stdout
+    assert code == 0, (stdout, stderr)
     assert json.loads(stdout)["frames"] == 35  # 3.5 s at 10 Hz
 
 

@@ -10,13 +10,14 @@ from pipeline.errors import EXIT_CONFIG, EXIT_OK
 
 
 def register(sub) -> None:
-    from llark.model.memory import MODELS
+    from llark.model.memory import CLIP_FRAMES, MODELS
 
     p = add_verb(
         sub, "plan", "estimate per-GPU memory for a model size, ZeRO stage, batch, sequence length and GPU count",
         "Print the estimated memory per GPU (weights, gradients, optimizer state, activations,\n"
-        "logits, overhead) of `llark train` with these settings; nothing is loaded. Formulas are in\n"
-        "llark/model/memory.py; check the estimate with a short run.\n\n"
+        "logits, overhead) of `llark train` with these settings, the --connector's exact parameters\n"
+        "and audio tokens included; nothing is loaded. Formulas are in llark/model/memory.py; check the\n"
+        "estimate with a short run.\n\n"
         "With --pipeline RUN_DIR: the cost of the paper's full run (164k tracks, ~1.2M Q/A pairs) in\n"
         "CPU-hours (from the CPU seconds per clip measured in RUN_DIR's ledgers, e.g. runs/demo),\n"
         "GPU-hours (embedding with each encoder, and training, computed from FLOPs) and API spend.\n\n"
@@ -26,14 +27,23 @@ def register(sub) -> None:
     p.add_argument("--model", choices=sorted(MODELS), default="llama2-7b", help="language model size")
     p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="ZeRO stage")
     p.add_argument("--micro-batch", type=int, default=4, help="micro-batch per GPU")
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length in tokens (a 25 s clip is 250 of them)")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="sequence length in tokens at one audio token per frame (a 25 s clip is 250 of them); "
+                        "a connector that makes fewer audio tokens shortens it by the difference")
+    p.add_argument("--audio-frames", type=int, default=CLIP_FRAMES,
+                   help="encoder frames per sequence, fed to the connector (a 25 s clip at 10 Hz: 250)")
     p.add_argument("--supervised-tokens", type=int, default=128,
                    help="answer tokens per sequence: the loss's logits are computed there only")
     p.add_argument("--gpus", type=int, default=8, help="number of GPUs (data-parallel)")
     p.add_argument("--mode", choices=["full", "projector", "lora"], default="full", help="what is trained")
     p.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (--mode lora)")
     p.add_argument("--quantization", choices=["4bit", "8bit"], default=None, help="QLoRA weight quantization")
-    p.add_argument("--encoder-dim", type=int, default=4800, help="projector input dimension")
+    p.add_argument("--encoder-dim", type=int, default=4800, help="connector input dimension")
+    p.add_argument("--connector", default="linear", metavar="linear|mlp|qformer",
+                   help="the connector (model.connector.name); its parameters are counted exactly")
+    p.add_argument("--connector-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a connector setting (model.connector.KEY: hidden; window, queries, layers, heads, width); "
+                        "repeatable")
     p.add_argument("--no-gradient-checkpointing", dest="checkpointing", action="store_false",
                    help="keep every layer's activations")
     p.add_argument("--offload-optimizer", action="store_true", help="optimizer state in host memory")
@@ -59,11 +69,36 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def connector_settings(args) -> dict:
+    """``model.connector`` from --connector and --connector-option, checked (ValueError naming the field)."""
+    from llark.model.connectors import check_connector
+
+    settings = {"name": args.connector}
+    for option in args.connector_option:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--connector-option: KEY=VALUE, got {option!r}")
+        if key.strip() == "name":
+            raise ValueError("--connector-option: the connector's name is --connector")
+        try:
+            settings[key.strip()] = int(value)
+        except ValueError:
+            settings[key.strip()] = value  # check_connector names the field and what it wants
+    return check_connector(settings)
+
+
 def run(args) -> int:
     import sys
 
+    connector = {"name": "linear"}
+    if args.connector != "linear" or args.connector_option or args.pipeline is None and args.encoder is None:
+        try:
+            connector = connector_settings(args)
+        except ValueError as exc:
+            print(f"llark plan: error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     if args.pipeline is not None:
-        return run_pipeline_plan(args)
+        return run_pipeline_plan(args, connector)
     if args.encoder is not None:
         from pipeline.encoders.costs import cost_table
 
@@ -74,29 +109,37 @@ def run(args) -> int:
         for line in cost_table(args.tracks, args.clip_seconds, args.gpu_tflops, args.gpu_utilization, args.encoder):
             print(line)
         return EXIT_OK
-    from llark.model.memory import MODELS, deepspeed_settings, format_plan, plan_memory
+    from llark.model.connectors import audio_tokens
+    from llark.model.memory import MODELS, deepspeed_settings, format_plan, lm_sequence, plan_memory
 
     zero = {"zero_stage": args.zero, "offload_optimizer": args.offload_optimizer,
             "offload_params": args.offload_params}
     try:
         if args.deepspeed is not None:
             zero = deepspeed_settings(args.deepspeed)
-        plan = plan_memory(MODELS[args.model], micro_batch=args.micro_batch, seq_len=args.seq_len, gpus=args.gpus,
+        seq_len = lm_sequence(args.seq_len, connector, args.audio_frames)
+        plan = plan_memory(MODELS[args.model], micro_batch=args.micro_batch, seq_len=seq_len, gpus=args.gpus,
                            mode=args.mode, lora_rank=args.lora_rank, encoder_dim=args.encoder_dim,
                            quantization=args.quantization, gradient_checkpointing=args.checkpointing,
-                           supervised_tokens=args.supervised_tokens, **zero)
+                           supervised_tokens=args.supervised_tokens, connector=connector,
+                           audio_frames=args.audio_frames, **zero)
     except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         print(f"llark plan: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     offload = [name for name, key in (("optimizer", "offload_optimizer"), ("parameters", "offload_params"))
                if zero[key]]
+    sequence = str(args.seq_len) if seq_len == args.seq_len else (
+        f"{args.seq_len} ({seq_len} with the {connector['name']}'s "
+        f"{audio_tokens(connector, args.audio_frames)} audio tokens for {args.audio_frames} frames)")
     print(f"{args.model}, ZeRO-{zero['zero_stage']}{', offloaded: ' + ' and '.join(offload) if offload else ''}, "
-          f"mode {args.mode}, micro-batch {args.micro_batch}, sequence {args.seq_len}, {args.gpus} GPUs")
+          f"mode {args.mode}, micro-batch {args.micro_batch}, sequence {sequence}, {args.gpus} GPUs")
     print(format_plan(plan, args.gpu_memory))
     return EXIT_OK
 
 
-def run_pipeline_plan(args) -> int:
+def run_pipeline_plan(args, connector: dict) -> int:
+    from llark.model.connectors import audio_tokens
+    from llark.model.memory import CLIP_FRAMES, lm_sequence
     from pipeline.instructions.costs import PriceTable
     from pipeline.instructions.prompts import find_prompts_dir
     from pipeline.plan import FullRun, estimate, measure_stages, prompt_tokens_per_request
@@ -110,9 +153,14 @@ def run_pipeline_plan(args) -> int:
         raise StageConfigError(f"--gpu-utilization must be in (0, 1], got {args.gpu_utilization}")
     prompts_dir = find_prompts_dir(args.prompts_dir)
     prices = PriceTable.load(prompts_dir / "model_prices.yaml")
+    # FullRun's tokens per sample are a 25 s clip's 250 frames, one token each, and the text.
+    clip_tokens = audio_tokens(connector, CLIP_FRAMES)
     full = FullRun(tracks=args.tracks, understanding_requests=args.tracks, reasoning_requests=args.reasoning_requests,
-                   gpu_tflops=args.gpu_tflops, gpu_utilization=args.gpu_utilization)
+                   gpu_tflops=args.gpu_tflops, gpu_utilization=args.gpu_utilization,
+                   tokens_per_sample=lm_sequence(FullRun.tokens_per_sample, connector, CLIP_FRAMES))
     for line in estimate(full, measure_stages(run_dir), prompt_tokens_per_request(run_dir, prompts_dir), prices,
                          args.batch_api):
         print(line)
+    print(f"  training sized at {full.tokens_per_sample} tokens per sample: the {connector['name']} connector's "
+          f"{clip_tokens} audio tokens per 25 s clip at 10 Hz and {FullRun.tokens_per_sample - CLIP_FRAMES} of text")
     return EXIT_OK

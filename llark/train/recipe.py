@@ -71,7 +71,8 @@ class TrainRecipe:
         plan = plan_memory(shape, micro_batch=cfg.micro_batch, seq_len=cfg.data.max_seq_len, gpus=self.world_size,
                            mode=cfg.model.mode, lora_rank=cfg.model.lora.r, encoder_dim=encoder_dim,
                            quantization=cfg.model.quantization,
-                           gradient_checkpointing=cfg.model.gradient_checkpointing, **zero_settings(self.ds_config))
+                           gradient_checkpointing=cfg.model.gradient_checkpointing,
+                           connector=cfg.model.connector.settings(), **zero_settings(self.ds_config))
         if plan.total <= 0.95 * gpu_bytes:
             return None
         parts = ", ".join(f"{name} {value / GB:.1f}" for name, value in plan.parts.items())
