@@ -174,3 +174,18 @@ def write_shards(out_dir: Path, n_samples: int = 40, n_shards: int = 4, dim: int
     index_path.write_text(json.dumps({"name": name, "seed": seed, "shards": shards,
                                       "total_samples": sum(s["samples"] for s in shards)}))
     return samples
+
+
+def train_steps(model, inputs: dict, parameters, steps: int = 4, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of ``model(**inputs)``'s loss on ``parameters``; the losses."""
+    import torch
+
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(**inputs)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from backbones import BACKBONES, backbone_dir  # noqa: E402
-from fixtures_train import write_shards  # noqa: E402
+from fixtures_train import train_steps, write_shards  # noqa: E402
 from test_ask import run_ask  # noqa: E402
 from test_train import REPO, losses, run_train, zero3_json  # noqa: E402
 
@@ -195,14 +195,7 @@ def test_each_family_trains_in_each_mode_exports_and_answers(family, mode, tmp_p
     trainable = [p for p in model.parameters() if p.requires_grad]
     lm_trainable = sum(p.numel() for p in model.lm.parameters() if p.requires_grad)
     assert (lm_trainable == 0) == (mode == "projector")
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(4):
-        _, loss = model(**inputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, inputs, trainable)
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
 
     lm = model.lm.merge_and_unload() if mode == "lora" else model.lm

@@ -111,7 +111,7 @@ def test_settings_are_checked_naming_the_field():
 
 @pytest.mark.parametrize("name", ["mlp", "qformer"])
 def test_a_model_with_each_connector_trains_exports_and_answers(name, tmp_path, capsys):
-    from fixtures_train import tiny_lm_dir, write_shards
+    from fixtures_train import tiny_lm_dir, train_steps, write_shards
     from test_backbones import _npy
     from test_ask import run_ask
 
@@ -132,14 +132,7 @@ def test_a_model_with_each_connector_trains_exports_and_answers(name, tmp_path, 
     assert placeholders == [config.audio_tokens(len(s["audio"])) for s in samples.values()]
     batch = collate(examples, tokenizer.pad_token_id)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "audio", "audio_frames", "labels")}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(4):
-        _, loss = model(**inputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, inputs, model.parameters())
     assert losses[-1] < losses[0], losses
     out = export_pretrained(tmp_path / "final", model.lm, tokenizer, model.config, projector_state(model))
     assert json.loads((out / "llark_config.json").read_text())["connector"]["name"] == name

@@ -161,10 +161,7 @@ def normalise(windows: np.ndarray) -> np.ndarray:
 def build(options: dict[str, Any]) -> PretrainedEncoder:
     import torch
 
-    directory = Path(options["weights_dir"])
-    description = describe(options)
-    device = pretrained.model_device(options)
-    model = load_model(directory, device, options["compute_dtype"])
+    directory, description, device, model = pretrained.load_for_build(options, describe, load_model)
     config = model.config
     rate = description["config"]["sample_rate"]
     dtype = pretrained.torch_dtype(options["compute_dtype"])

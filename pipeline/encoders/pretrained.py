@@ -294,6 +294,14 @@ def model_device(options: dict[str, Any]) -> str:
     return claim_gpu() if options["device"] == "cuda" else options["device"]
 
 
+def load_for_build(options: dict[str, Any], describe, load_model) -> tuple[Path, dict[str, Any], str, Any]:
+    """What every encoder's ``build`` starts from: its checkpoint directory, its description, the
+    worker's device and the model loaded onto it."""
+    directory, description = Path(options["weights_dir"]), describe(options)
+    device = model_device(options)
+    return directory, description, device, load_model(directory, device, options["compute_dtype"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The encoder
 

@@ -159,10 +159,7 @@ def load_model(directory: Path, device: str, compute_dtype: str):
 def build(options: dict[str, Any]) -> PretrainedEncoder:
     import torch
 
-    directory = Path(options["weights_dir"])
-    description = describe(options)
-    device = pretrained.model_device(options)
-    model = load_model(directory, device, options["compute_dtype"])
+    directory, description, device, model = pretrained.load_for_build(options, describe, load_model)
     config = model.config
     _, extractor = read_checkpoint(directory)
     shape = geometry(config, extractor)

@@ -43,21 +43,15 @@ def scaled_normal_(layer: nn.Linear, out_std: float, input_variance: float = 1.0
         layer.bias.zero_()
 
 
-class LinearConnector(nn.Linear):
-    """``W x + b`` on every frame. A subclass of ``nn.Linear`` so that its weights are named as the
-    projector's always were (``weight``, ``bias``): earlier exports load unchanged."""
-
-    DEFAULTS: dict = {}
-
-    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
-        super().__init__(in_features, out_features, dtype=dtype, device=device)
+class TokenPerFrame:
+    """The token counts of a connector that maps every frame to one audio token."""
 
     @staticmethod
     def check(settings: dict) -> None:
         return None
 
     @staticmethod
-    def count_tokens(frames: int) -> int:
+    def count_tokens(frames: int, **_) -> int:
         return frames
 
     def tokens_for(self, frames: int) -> int:
@@ -65,6 +59,16 @@ class LinearConnector(nn.Linear):
 
     def token_counts(self, audio_frames: torch.Tensor) -> torch.Tensor:
         return audio_frames
+
+
+class LinearConnector(TokenPerFrame, nn.Linear):
+    """``W x + b`` on every frame. A subclass of ``nn.Linear`` so that its weights are named as the
+    projector's always were (``weight``, ``bias``): earlier exports load unchanged."""
+
+    DEFAULTS: dict = {}
+
+    def __init__(self, in_features: int, out_features: int, dtype=None, device=None):
+        super().__init__(in_features, out_features, dtype=dtype, device=device)
 
     @property
     def input_layer(self) -> nn.Linear:

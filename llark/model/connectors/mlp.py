@@ -6,12 +6,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from llark.model.connectors.linear import scaled_normal_, standardise_linear_
+from llark.model.connectors.linear import TokenPerFrame, scaled_normal_, standardise_linear_
 
 GELU_SECOND_MOMENT = 0.425  # E[gelu(x)²] for x ~ N(0, 1)
 
 
-class MlpConnector(nn.Module):
+class MlpConnector(TokenPerFrame, nn.Module):
     """``fc2(gelu(fc1(x)))``, one token per frame; ``hidden`` defaults to the LM's width."""
 
     DEFAULTS = {"hidden": None}
@@ -23,20 +23,6 @@ class MlpConnector(nn.Module):
         self.fc1 = nn.Linear(in_features, hidden, dtype=dtype, device=device)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_features, dtype=dtype, device=device)
-
-    @staticmethod
-    def check(settings: dict) -> None:
-        return None
-
-    @staticmethod
-    def count_tokens(frames: int, hidden: int | None = None) -> int:
-        return frames
-
-    def tokens_for(self, frames: int) -> int:
-        return frames
-
-    def token_counts(self, audio_frames: torch.Tensor) -> torch.Tensor:
-        return audio_frames
 
     @property
     def input_layer(self) -> nn.Linear:
