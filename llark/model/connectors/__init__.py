@@ -14,6 +14,11 @@ from the training frames' statistics).
 ``qformer``     window-level Q-Former (SALMONN): each window of ``window`` frames gives
                 ``queries`` learned queries that cross-attend to the window's frames through
                 ``layers`` blocks; ``ceil(frames / window) × queries`` tokens
+``attention_    several encoders at their own frame rates: each span of ``span_s`` seconds
+fusion``        gives ``queries`` learned queries that cross-attend to every encoder's frames
+                in the span; ``ceil(duration / span_s) × queries`` tokens. Its ``audio`` and
+                ``audio_frames`` are dicts by encoder name, and ``tokens_for`` takes
+                ``{encoder: frames}``
 ==============  ===============================================================================
 
 The settings are a dict (``model.connector`` in the training config, ``connector`` in
@@ -27,12 +32,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from llark.model.connectors.attention_fusion import AttentionFusionConnector
 from llark.model.connectors.linear import LinearConnector
 from llark.model.connectors.mlp import MlpConnector
 from llark.model.connectors.qformer import QFormerConnector
 
-CONNECTORS = {"linear": LinearConnector, "mlp": MlpConnector, "qformer": QFormerConnector}
-Connector = LinearConnector | MlpConnector | QFormerConnector
+CONNECTORS = {"linear": LinearConnector, "mlp": MlpConnector, "qformer": QFormerConnector,
+              "attention_fusion": AttentionFusionConnector}
+Connector = LinearConnector | MlpConnector | QFormerConnector | AttentionFusionConnector
+# Connectors that read several encoders (audio and audio_frames as {encoder: tensor}).
+MULTI_ENCODER = ("attention_fusion",)
 
 
 class ConnectorConfigError(ValueError):
@@ -52,7 +61,8 @@ def check_connector(settings: dict[str, Any] | None) -> dict[str, Any]:
         raise ConnectorConfigError(f"model.connector.{unknown[0]}: not a setting of the {name} connector "
                                    f"(it takes {', '.join(sorted(cls.DEFAULTS)) or 'none'})")
     full = {**cls.DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
-    for key, value in full.items():
+    for key in getattr(cls, "INTEGER_SETTINGS", full):
+        value = full[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConnectorConfigError(f"model.connector.{key}: a positive integer, got {value!r}")
     try:
