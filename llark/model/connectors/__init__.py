@@ -83,3 +83,10 @@ def audio_tokens(settings: dict[str, Any] | None, frames: int) -> int:
     """Audio tokens of a clip of ``frames`` (pooled) frames, without building the connector."""
     checked = check_connector(settings)
     return CONNECTORS[checked.pop("name")].count_tokens(frames, **checked)
+
+
+def audio_to(audio: torch.Tensor | dict[str, torch.Tensor], *args, **kwargs):
+    """``audio.to(...)``, for one tensor or a dict of them by encoder."""
+    if isinstance(audio, dict):
+        return {name: a.to(*args, **kwargs) for name, a in audio.items()}
+    return audio.to(*args, **kwargs)
