@@ -2,7 +2,7 @@
 for clips of several lengths and two encoders at different frame rates, padding that never leaks into
 a clip's tokens, gradients to every part, a learnable toy task, missing encoders refused naming the
 field, two encoders' shards written, validated and read back; and (slow) embed with two encoders →
-shards → train → kill and resume → export → ``llark ask`` on an audio file."""
+shards → train, killed and resumed to the uninterrupted run's losses → export → ``llark ask`` on an audio file."""
 
 from __future__ import annotations
 
@@ -253,12 +253,14 @@ def test_embed_two_encoders_shards_train_resume_export_and_ask(two, tmp_path, ca
     settings = {"model.connector.name": "attention_fusion", "model.connector.layers": 1, "model.connector.heads": 2,
                 "model.mode": "projector", "optim.max_steps": 4, "save_every": 1, "data.num_workers": 1,
                 "global_batch": 2, "micro_batch": 1, "export": False}
+    straight = tmp_path / "straight"
+    run_train(straight, two / "shards2", **settings)
     out = tmp_path / "train"
     kill_when_logged([sys.executable, "-m", "llark.train"] + train_args(out, two / "shards2", **settings),
                      out / "metrics.jsonl", 2)
     result = run_train(out, two / "shards2", **{**settings, "export": True})
     assert "resuming at step" in result.stdout, result.stdout[-2000:]
-    assert sorted(losses(out)) == [1, 2, 3, 4]
+    assert sorted(losses(out)) == [1, 2, 3, 4] and losses(out) == losses(straight)
     config = json.loads((out / "final" / "llark_config.json").read_text())
     assert config["connector"]["encoders"] == ["features", "mert"]
     assert [(e["key"], e["frame_rate_hz"]) for e in config["encoder"]] == [("features", 10.0), ("mert", 25.0)]
