@@ -77,8 +77,12 @@ class SampleTooLong(BadSample):
 class ShardSample:
     key: str
     pairs: list[tuple[str, str]]
-    npy: bytes
+    npy: bytes | None
     frames: int | None  # as recorded in the sample's json, checked against the array when decoded
+    # Every array member by extension (``npy``, or ``<encoder>.npy`` in shards of several encoders) and
+    # the frames its json records (llark/multi_encoder.py reads them).
+    arrays: dict[str, bytes] = field(default_factory=dict)
+    frames_by: dict[str, int | None] = field(default_factory=dict)
 
 
 def read_sample(raw: dict[str, Any]) -> ShardSample:
@@ -89,7 +93,8 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
     pickles disallowed (:func:`decode_audio`).
     """
     key = raw.get("__key__", "?")
-    if "npy" not in raw or "json" not in raw:
+    arrays = {k: v for k, v in raw.items() if k == "npy" or (k.endswith(".npy") and not k.startswith("__"))}
+    if not arrays or "json" not in raw:
         raise BadSample(f"sample {key}: expected .npy and .json members, found {sorted(k for k in raw if not k.startswith('__'))}")
     try:
         meta = json.loads(raw["json"])
@@ -99,7 +104,8 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
     if not pairs:
         raise BadSample(f"sample {key}: no question/answer pair")
     frames = (meta.get("encoding") or {}).get("frames")
-    return ShardSample(key=key, pairs=pairs, npy=raw["npy"], frames=frames)
+    frames_by = {f"{name}.npy": (e or {}).get("frames") for name, e in (meta.get("encodings") or {}).items()}
+    return ShardSample(key=key, pairs=pairs, npy=raw.get("npy"), frames=frames, arrays=arrays, frames_by=frames_by)
 
 
 def decode_audio(sample: ShardSample, dim: int, states: int | None = None) -> np.ndarray:
@@ -217,7 +223,7 @@ class ShardSet:
 
 def open_shards(dirs: list[str], split: str = "train", families: list[str] | None = None) -> ShardSet:
     """The shards of ``split`` (and ``families``) listed in each directory's index.json."""
-    from pipeline.encoders import describe_differences, manifest_differences, read_manifest
+    from pipeline.encoders import IDENTITY_FIELDS, describe_differences, manifest_differences, read_manifest
     from pipeline.runner import StageConfigError
 
     if not dirs:
@@ -229,12 +235,15 @@ def open_shards(dirs: list[str], split: str = "train", families: list[str] | Non
             raise DataConfigError(f"data.shards: {index_path} does not exist; the shards stage writes it when "
                                   "every shard is written (rerun `llark shards` to finish)")
         try:
-            found = read_manifest(d)
+            from pipeline.shard_encoders import multi_manifest_of, read_shard_encoders
+
+            several = read_shard_encoders(d)  # shards of several encoders: llark/multi_encoder.py picks
+            found = multi_manifest_of(several) if several else read_manifest(d)
         except StageConfigError as exc:
             raise DataConfigError(f"data.shards: {exc}") from None
         if manifest is None:
             manifest = found
-        elif differences := manifest_differences(manifest, found):
+        elif differences := manifest_differences(manifest, found, ("encoders",) if several else IDENTITY_FIELDS):
             raise DataConfigError(f"data.shards: {d} holds embeddings of another encoder than {dirs[0]}: "
                                   + describe_differences(differences))
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -289,21 +298,28 @@ class ExampleEncoder:
         # The connector's audio tokens for a clip's (pooled) frames: one per frame unless it says otherwise.
         self.audio_tokens = audio_tokens or (lambda frames: frames)
 
+    def decode(self, sample: ShardSample) -> Any:
+        return pool_frames(decode_audio(sample, self.encoder_dim, self.states), self.frame_pool)
+
+    def frames_of(self, audio: Any) -> Any:
+        """What the connector counts its tokens from (llark/multi_encoder.py: each encoder's frames)."""
+        return audio.shape[0]
+
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
-        audio = pool_frames(decode_audio(sample, self.encoder_dim, self.states), self.frame_pool)
+        audio = self.decode(sample)
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
         asked = len(pairs)
         while True:
             messages = self.formatter.conversation(pairs, self.system_prompt)
             try:
-                encoded = self.formatter.encode(messages, self.audio_tokens(audio.shape[0]))
+                encoded = self.formatter.encode(messages, self.audio_tokens(self.frames_of(audio)))
             except ChatFormatError as exc:
                 raise BadSample(f"sample {sample.key}: {exc}") from None
             if len(encoded.input_ids) <= self.max_seq_len:
                 break
             if len(pairs) == 1:
                 raise SampleTooLong(f"sample {sample.key}: {len(encoded.input_ids)} tokens "
-                                    f"({self.audio_tokens(audio.shape[0])} audio tokens) > data.max_seq_len "
+                                    f"({self.audio_tokens(self.frames_of(audio))} audio tokens) > data.max_seq_len "
                                     f"{self.max_seq_len}")
             pairs = pairs[:-1]  # a multi-turn conversation loses its last turns until it fits
         return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio,
@@ -313,6 +329,10 @@ class ExampleEncoder:
 def collate(examples: list[dict[str, Any]], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Right-padded tensors; padding is marked by lengths (attention mask 0, label IGNORE_INDEX), never
     by comparing ids with the pad id (which may equal EOS)."""
+    if isinstance(examples[0]["audio"], dict):
+        from llark.multi_encoder import collate_encoders
+
+        return collate_encoders(examples, pad_id, pad_to_multiple_of)
     n = len(examples)
     lengths = [len(e["input_ids"]) for e in examples]
     length = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of

@@ -90,7 +90,15 @@ class Llark:
         return self.config.encoder
 
     @property
+    def fusion(self) -> bool:
+        """A connector of several encoders: audio is ``{encoder: [frames, dim]}``."""
+        return isinstance(self.config.encoder, list)
+
+    @property
     def encoder_dim(self) -> int:
+        if self.fusion:
+            raise InferenceError(f"{self.source} reads several encoders ({', '.join(self.encoder_dims)}): give an audio "
+                                 "file, which is encoded with each")
         return int(self.model.projector.in_features)
 
     @property
@@ -104,14 +112,33 @@ class Llark:
             f"[frames, {self.encoder_dim}]"
 
     @property
+    def encoder_dims(self) -> dict[str, int]:
+        return {e["key"]: int(e["dim"]) for e in self.config.encoder} if self.fusion else {None: self.encoder_dim}
+
+    @property
     def storage_dtype(self) -> np.dtype:
         """The dtype the training embeddings were stored in (frames are rounded through it)."""
-        name = (self.config.encoder or {}).get("dtype", "float32")
+        encoder = self.config.encoder or {}
+        name = (encoder[0] if isinstance(encoder, list) else encoder).get("dtype", "float32")
         return np.dtype(name if name in ("float16", "float32") else "float32")
 
-    def prompt_ids(self, question: str, n_frames: int) -> list[int]:
+    def prompt_ids(self, question: str, n_frames: int | dict[str, int]) -> list[int]:
         return self.formatter.encode_prompt(self.formatter.prompt(question, self.config.system_prompt),
                                             self.config.audio_tokens(n_frames))
+
+    def _batch_audio(self, audios: Sequence[Any]):
+        """Right-padded ``[batch, frames, dim]`` and frame counts: one tensor, or a dict by encoder."""
+        if not self.fusion:
+            frames = max(a.shape[0] for a in audios)
+            audio = torch.zeros((len(audios), frames, *audios[0].shape[1:]), dtype=torch.float32)
+            for i, a in enumerate(audios):
+                audio[i, : a.shape[0]] = torch.from_numpy(a.astype(np.float32))
+            return audio, torch.tensor([a.shape[0] for a in audios], dtype=torch.long)
+        padded, counts = {}, {}
+        for name in self.encoder_dims:
+            padded[name], counts[name] = Llark._batch_audio(_OneEncoder(self.encoder_dims[name]),
+                                                            [a[name] for a in audios])
+        return padded, counts
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], audios: Sequence[np.ndarray],
@@ -124,24 +151,33 @@ class Llark:
             raise InferenceError(f"{len(questions)} questions but {len(audios)} audio arrays")
         if not questions:
             return []
-        per_frame = (self.audio_states, self.encoder_dim) if self.audio_states else (self.encoder_dim,)
-        for a in audios:
-            if a.shape[1:] != per_frame or a.shape[0] < 1:
-                raise InferenceError(f"audio frames of shape {a.shape}; this model takes {self.frame_shape}")
+        dims = self.encoder_dims
+        for audio in audios:
+            if not self.fusion:
+                per_frame = (self.audio_states, self.encoder_dim) if self.audio_states else (self.encoder_dim,)
+                if audio.shape[1:] != per_frame or audio.shape[0] < 1:
+                    raise InferenceError(f"audio frames of shape {audio.shape}; this model takes {self.frame_shape}")
+                continue
+            for name, a in audio.items():
+                if name not in dims or a.ndim != 2 or a.shape[1] != dims[name] or a.shape[0] < 1:
+                    raise InferenceError(f"audio frames of shape {a.shape} from encoder {name!r}; this model takes "
+                                         f"[frames, {dims.get(name)}]")
+            missing = [name for name in dims if name not in audio]
+            if missing:
+                raise InferenceError(f"no frames of encoder {missing[0]!r}, which this model reads")
         # Rounded through the training storage dtype, then pooled, as the training loader does.
-        audios = [pool_frames(np.asarray(a).astype(self.storage_dtype), self.config.frame_pool) for a in audios]
-        prompts = [self.prompt_ids(q, a.shape[0]) for q, a in zip(questions, audios)]
+        store = lambda a: pool_frames(np.asarray(a).astype(self.storage_dtype), self.config.frame_pool)  # noqa: E731
+        audios = [{n: store(a[n]) for n in dims} if self.fusion else store(a) for a in audios]
+        prompts = [self.prompt_ids(q, {n: x.shape[0] for n, x in a.items()} if self.fusion else a.shape[0])
+                   for q, a in zip(questions, audios)]
         length = max(len(p) for p in prompts)
-        frames = max(a.shape[0] for a in audios)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(prompts), length), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        audio = torch.zeros((len(prompts), frames, *per_frame), dtype=torch.float32)
-        for i, (p, a) in enumerate(zip(prompts, audios)):
+        for i, p in enumerate(prompts):
             input_ids[i, length - len(p):] = torch.tensor(p)
             attention_mask[i, length - len(p):] = 1
-            audio[i, : a.shape[0]] = torch.from_numpy(a.astype(np.float32))
-        audio_frames = torch.tensor([a.shape[0] for a in audios], dtype=torch.long)
+        audio, audio_frames = self._batch_audio(audios)
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
             "eos_token_id": self.formatter.end_of_turn_id, "pad_token_id": pad,
@@ -156,9 +192,20 @@ class Llark:
             # Under ZeRO-3 every rank must run the same number of forward passes, or generate() hangs
             # when the ranks' answers end at different lengths.
             kwargs["synced_gpus"] = True
-        out = self.model.generate(input_ids.to(self.device), audio.to(self.device), audio_frames.to(self.device),
+        from llark.model.connectors import audio_to
+
+        out = self.model.generate(input_ids.to(self.device), audio_to(audio, self.device), audio_to(audio_frames, self.device),
                                   attention_mask=attention_mask.to(self.device), **kwargs)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.cpu()]
+
+
+class _OneEncoder:
+    """What ``Llark._batch_audio`` needs of a one-encoder model, for padding one encoder's frames."""
+
+    fusion = False
+
+    def __init__(self, dim: int):
+        self.encoder_dim = dim
 
 
 def _distributed_world_size() -> int:
@@ -190,14 +237,22 @@ def load(checkpoint: str | os.PathLike, dtype: str = "auto", device: str | None 
 
 def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
     """The encoder the model was trained on, built with ``options`` (e.g. Jukebox's weights_dir);
-    InferenceError when the model names none or the built one differs from it."""
+    InferenceError when the model names none or the built one differs from it; ``{name: encoder}``
+    for a model of several encoders (:func:`build_encoders_for`)."""
+    identity = llark.encoder_identity
+    if isinstance(identity, list):
+        return build_encoders_for(llark, options)
+    return build_encoder_from(identity, options, llark.source)
+
+
+def build_encoder_from(identity: dict[str, Any] | None, options: dict[str, Any] | None, source: Any):
+    """The encoder of ``identity`` (a model's record of it), built with ``options``; refused when it differs."""
     from pipeline.encoders import (FRAME_FIELDS, build_encoder, check_encoder_options, describe_differences,
                                    describe_encoder, encoder_module, manifest_differences)
     from pipeline.runner import StageConfigError
 
-    identity = llark.encoder_identity
     if not identity or "name" not in identity:
-        raise InferenceError(f"{llark.source}: llark_config.json names no encoder; it cannot encode audio files "
+        raise InferenceError(f"{source}: llark_config.json names no encoder; it cannot encode audio files "
                              "(pass precomputed frames instead)")
     options = dict(options or {})
     try:
@@ -221,6 +276,28 @@ def build_encoder_for(llark: Llark, options: dict[str, Any] | None = None):
     return build_encoder(identity["name"], checked)
 
 
+def build_encoders_for(llark: Llark, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{name: encoder}`` for a model of several encoders, each built with its own options
+    (``NAME.KEY=VALUE``, e.g. ``mert.weights_dir=DIR``) and checked against the one it was trained on."""
+    names = [entry.get("key") for entry in llark.encoder_identity]
+    scoped: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for key, value in (options or {}).items():
+        name, dot, option = key.partition(".")
+        if not dot or name not in scoped:
+            raise InferenceError(f"encoder option {key!r}: this model reads the encoders {', '.join(names)}; name the "
+                                 f"one it is for, as NAME.{option if dot else key}=VALUE (e.g. {names[-1]}.weights_dir=DIR)")
+        scoped[name][option] = value
+    encoders = {}
+    for entry in llark.encoder_identity:
+        name = entry.get("key")
+        try:
+            encoders[name] = build_encoder_from(entry, scoped[name], llark.source)
+        except InferenceError as exc:
+            message = str(exc).replace("--encoder-option ", f"--encoder-option {name}.")
+            raise InferenceError(f"encoder {name!r}: {message}") from None
+    return encoders
+
+
 def windows(duration_s: float, start_s: float = 0.0, max_seconds: float = DEFAULT_MAX_SECONDS,
             window_s: float = WINDOW_S, min_window_s: float = MIN_WINDOW_S) -> list[tuple[float, float]]:
     """Consecutive ``window_s`` windows of ``[start_s, min(duration_s, start_s + max_seconds))``."""
@@ -239,7 +316,8 @@ def windows(duration_s: float, start_s: float = 0.0, max_seconds: float = DEFAUL
 def encode_file(path: str | os.PathLike, encoder, start_s: float = 0.0,
                 max_seconds: float = DEFAULT_MAX_SECONDS) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """``[frames, dim]`` frames of ``path`` (its windows encoded one by one, concatenated; an encoder
-    that keeps every hidden state gives ``[frames, states, dim]``) and the windows."""
+    that keeps every hidden state gives ``[frames, states, dim]``) and the windows; with
+    ``{name: encoder}``, ``{name: [frames, dim]}``."""
     from pipeline.audio import TARGET_SAMPLE_RATE, AudioChecks, AudioError, probe, read_window
 
     checks = AudioChecks(silence_dbfs=-float("inf"), min_duration_s=0.1)  # a quiet window is still music
@@ -249,10 +327,16 @@ def encode_file(path: str | os.PathLike, encoder, start_s: float = 0.0,
         parts = []
         for a, b in spans:
             audio = read_window(info, a, b, target_sample_rate=TARGET_SAMPLE_RATE, checks=checks)
-            frames = np.asarray(encoder.encode(audio, TARGET_SAMPLE_RATE), dtype=np.float32)
-            parts.append(frames.transpose(1, 0, 2) if frames.ndim == 3 else frames)  # stored [states, frames, dim]
+            if isinstance(encoder, dict):
+                parts.append({name: np.asarray(e.encode(audio, TARGET_SAMPLE_RATE), dtype=np.float32)
+                              for name, e in encoder.items()})
+            else:
+                frames = np.asarray(encoder.encode(audio, TARGET_SAMPLE_RATE), dtype=np.float32)
+                parts.append(frames.transpose(1, 0, 2) if frames.ndim == 3 else frames)  # stored [states, frames, dim]
     except AudioError as exc:
         raise InferenceError(str(exc)) from None
+    if isinstance(encoder, dict):
+        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in encoder}, spans
     return np.concatenate(parts, axis=0), spans
 
 
@@ -330,7 +414,9 @@ class Answerer:
             for request, (frames, spans), answer in zip(batch, encoded, answers):
                 kind, path = request.source
                 results.append({
-                    kind: path, "question": request.question, "answer": answer, "frames": int(frames.shape[0]),
+                    kind: path, "question": request.question, "answer": answer,
+                    "frames": {n: int(a.shape[0]) for n, a in frames.items()} if isinstance(frames, dict)
+                    else int(frames.shape[0]),
                     "windows": [[round(a, 3), round(b, 3)] for a, b in spans] if spans else None,
                     "model": str(self.llark.source), "generation": settings.to_dict(),
                 })

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.records import CROP_POLICIES, SPLITS, TASK_FAMILIES, ClipRecord  # noqa: F401 (re-exported)
 
@@ -105,4 +105,12 @@ class SampleJson(BaseModel):
     clip: dict[str, Any]
     pairs: list[QAPair] = Field(min_length=1)
     instructions: SampleInstructions
-    encoding: SampleEncoding
+    encoding: SampleEncoding | None = None
+    # Samples of several encoders (pipeline.shard_encoders): each one's encoding by name, no ``encoding``.
+    encodings: dict[str, SampleEncoding] | None = None
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "SampleJson":
+        if (self.encoding is None) == (self.encodings is None):
+            raise ValueError("a sample has either 'encoding' (one encoder) or 'encodings' (several)")
+        return self

@@ -16,6 +16,7 @@ embedding_failed         the embed stage recorded an error for the clip (``detai
 embedding_file_missing   the embedding record points to a file that is not there
 bad_embedding            the ``.npy`` is unreadable, pickled, of the wrong dtype or shape, or not finite
 invalid_instruction      an instruction line that is not a valid instruction record
+duration_mismatch        several encoders' frames of the clip disagree on its duration (by more than a frame)
 duplicate_instruction    a second instruction record with the same id
 =======================  ===================================================================
 
@@ -45,6 +46,9 @@ is refused before any work), ``index.json`` (every shard with its split, family,
 count and size, and the totals: what training reads to know the dataset's size; written only when every
 planned shard was written; a planned shard whose every sample was refused is not written),
 ``missing.jsonl``, and the runner's ``shards.jsonl`` and ``shards.errors.jsonl``.
+
+Several embedding directories (one per encoder) give samples with one array per encoder; see
+:mod:`pipeline.shard_encoders`.
 """
 
 from __future__ import annotations
@@ -67,8 +71,7 @@ from pydantic import ValidationError
 
 from pipeline.contracts import (EMBEDDINGS_JSONL, ENCODER_JSON, INDEX_JSON, MISSING_JSONL, PLAN_JSONL,
                                 SAMPLES_JSONL, SHARDS_JSONL, InstructionRecord, sample_key)
-from pipeline.encoders import (describe_differences, manifest_differences, read_manifest, stored_states,
-                               write_manifest)
+from pipeline.encoders import describe_differences, manifest_differences, read_manifest, write_manifest
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, is_disk_failure, remove_dead_temporaries
 from pipeline.records import InvalidRecord, iter_jsonl, parse_record, write_jsonl
@@ -187,7 +190,7 @@ def _read_embeddings(embeddings_dir: Path) -> tuple[dict[str, dict], dict[str, d
 
 
 def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path, manifest: dict,
-                samples_out: BinaryIO) -> Join:
+                samples_out: BinaryIO, sources: list | None = None) -> Join:
     """Join instruction records with clip records and embeddings; report what does not join.
 
     Each joined sample's JSON is written to ``samples_out`` as one line; the join keeps only its
@@ -203,7 +206,12 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
         except InvalidRecord as exc:
             raise StageConfigError(f"--clips {clips_path}: line {line.number}: {exc}") from None
         clips[record.id] = record.model_dump(mode="json", exclude_none=True)
-    embeddings, embed_errors = _read_embeddings(embeddings_dir)
+    if sources is not None:
+        from pipeline.shard_encoders import MultiEmbeddings
+
+        multi, embeddings, embed_errors = MultiEmbeddings(sources, _read_embeddings), {}, {}
+    else:
+        multi, (embeddings, embed_errors) = None, _read_embeddings(embeddings_dir)
 
     seen: set[str] = set()
     for line in iter_jsonl(instructions_path):
@@ -234,7 +242,14 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
         if not instruction.pairs:
             join.missing.append(Missing(clip_id, "no_pairs", "every pair was filtered out", **where))
             continue
-        embedding = embeddings.get(clip_id)
+        if multi is not None:
+            problem, found = multi.find(clip_id)
+            if problem is not None:
+                join.missing.append(Missing(clip_id, *problem, **where))
+                continue
+            embedding = {"frames": found["embeddings"][0][2], "embedding_path": found["embeddings"][0][1]}
+        else:
+            embedding = embeddings.get(clip_id)
         if embedding is None:
             error = embed_errors.get(clip_id)
             if error is not None:
@@ -256,10 +271,13 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
             "pairs": [p.model_dump(mode="json") for p in instruction.pairs],
             "instructions": {"id": instruction.id, "backend": instruction.backend, "model": instruction.model,
                              "prompt_version": instruction.prompt_version},
-            "encoding": {"encoder": manifest["name"], "layer": manifest["layer"],
-                         "frame_rate_hz": manifest["frame_rate_hz"], "frames": int(embedding.get("frames", 0)),
-                         "dim": manifest["dim"], "dtype": manifest["dtype"]},
+            "encoding": None if multi else {
+                "encoder": manifest["name"], "layer": manifest["layer"], "frame_rate_hz": manifest["frame_rate_hz"],
+                "frames": int(embedding.get("frames", 0)), "dim": manifest["dim"], "dtype": manifest["dtype"]},
         }
+        if multi is not None:
+            del sample_json["encoding"]
+            sample_json["encodings"] = found["encodings"]
         payload = json.dumps(sample_json, ensure_ascii=False, sort_keys=True).encode("utf-8")
         offset = samples_out.tell()
         samples_out.write(payload + b"\n")
@@ -267,6 +285,7 @@ def join_inputs(clips_path: Path, instructions_path: Path, embeddings_dir: Path,
             "key": instruction.id, "embedding_path": str(path), "frames": int(embedding.get("frames", 0)),
             "bytes": path.stat().st_size + len(payload), "json_offset": offset, "json_length": len(payload),
             "json_sha1": hashlib.sha1(payload).hexdigest(),
+            **({"embeddings": found["embeddings"], "bytes": found["bytes"] + len(payload)} if multi else {}),
         })
 
     for clip_id, clip in clips.items():
@@ -304,7 +323,7 @@ def plan_shards(join: Join, settings: "ShardSettings") -> list[dict]:
                 "id": stem, "path": str(Path(settings.out_dir) / f"{stem}.tar"), "split": split,
                 "task_family": family, "dataset": dataset,
                 "samples": [{k: s[k] for k in ("key", "embedding_path", "frames", "json_offset", "json_length",
-                                               "json_sha1")} for s in members],
+                                               "json_sha1", "embeddings") if k in s} for s in members],
             })
     return plan
 
@@ -326,6 +345,15 @@ class ShardSettings:
     shard_samples: int | None = None
     seed: int = 0
     plan_digest: str = ""
+    encoders: tuple = ()  # several encoders: (name, dtype, dim, states) of each, in member order
+
+    def ledger_json(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        fields = asdict(self)
+        if not self.encoders:
+            del fields["encoders"]  # single-encoder runs keep the ledger header of earlier versions
+        return fields
 
 
 def tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -348,11 +376,17 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
             for sample in row["samples"]:
                 key = sample["key"]
                 try:
-                    data = Path(sample["embedding_path"]).read_bytes()
-                    array = parse_npy(data, settings.dtype, settings.dim, settings.states)
-                    if array.shape[-2] != sample["frames"]:
-                        raise EmbeddingProblem("frames_mismatch", f"{array.shape[-2]} frames, the embedding "
-                                               f"record says {sample['frames']}")
+                    if settings.encoders:
+                        from pipeline.shard_encoders import sample_arrays
+
+                        arrays = sample_arrays(sample, settings.encoders, parse_npy, EmbeddingProblem)
+                    else:
+                        data = Path(sample["embedding_path"]).read_bytes()
+                        array = parse_npy(data, settings.dtype, settings.dim, settings.states)
+                        if array.shape[-2] != sample["frames"]:
+                            raise EmbeddingProblem("frames_mismatch", f"{array.shape[-2]} frames, the embedding "
+                                                   f"record says {sample['frames']}")
+                        arrays = [("npy", data)]
                 except OSError as exc:
                     skipped.append({"key": key, "reason": "embedding_file_missing", "detail": str(exc)})
                     continue
@@ -363,7 +397,8 @@ def write_shard_item(row: dict, settings: ShardSettings) -> dict:
                 payload = sample_json.read(sample["json_length"])
                 if hashlib.sha1(payload).hexdigest() != sample["json_sha1"]:
                     raise ItemError("plan_changed", f"{settings.samples_path} changed under this run; rerun")
-                tar.addfile(tar_member(f"{key}.npy", len(data)), io.BytesIO(data))
+                for member, data in arrays:
+                    tar.addfile(tar_member(f"{key}.{member}", len(data)), io.BytesIO(data))
                 tar.addfile(tar_member(f"{key}.json", len(payload)), io.BytesIO(payload))
                 written += 1
     return {
@@ -456,7 +491,11 @@ def build_shards(
     limit: int | None = None,
     progress: bool = True,
 ) -> ShardsSummary:
-    """Join, plan and write the shards, then ``index.json`` and ``missing.jsonl`` (see module doc)."""
+    """Join, plan and write the shards, then ``index.json`` and ``missing.jsonl`` (see module doc).
+    ``embeddings_dir`` may be a list: more than one directory writes samples of several encoders."""
+    from pipeline.shard_encoders import check_shards_dir, resolve_embeddings
+
+    embeddings_dir, sources = resolve_embeddings(embeddings_dir)
     clips_path, instructions_path = Path(clips_path), Path(instructions_path)
     embeddings_dir, out_dir = Path(embeddings_dir), Path(out_dir)
     check_shard_settings(name, shard_bytes, shard_samples)
@@ -465,14 +504,14 @@ def build_shards(
             raise StageConfigError(f"{option}: {path} does not exist")
     if not embeddings_dir.is_dir():
         raise StageConfigError(f"--embeddings: {embeddings_dir} is not a directory (the embed stage's --embeddings-dir)")
-    manifest = prepare_shards_dir(out_dir, embeddings_dir)
+    manifest = check_shards_dir(out_dir, sources) if sources else prepare_shards_dir(out_dir, embeddings_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(out_dir / PLAN_JSONL, "shards")
         with lock:  # plan.jsonl and samples.jsonl belong to one run
             remove_dead_temporaries(out_dir, lambda name: (name in _DIRECTORY_FILES or bool(_SHARD_FILE.match(name))
                                                            or lock.owns_temporary(name)))
-            return _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, name=name,
+            return _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, sources, name=name,
                                  shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed, executor=executor,
                                  overwrite=overwrite, retry_failed=retry_failed, limit=limit, progress=progress)
     except OSError as exc:
@@ -481,19 +520,22 @@ def build_shards(
         raise stopped_by_disk("shards", exc, f"The shards written so far are kept in {out_dir}") from None
 
 
-def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, *, name, shard_bytes,
+def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manifest, sources, *, name, shard_bytes,
                   shard_samples, seed, executor, overwrite, retry_failed, limit, progress) -> ShardsSummary:
     samples_path = out_dir / SAMPLES_JSONL
     with atomic_write(samples_path) as samples_out:
-        join = join_inputs(clips_path, instructions_path, embeddings_dir, manifest, samples_out)
+        join = join_inputs(clips_path, instructions_path, embeddings_dir, manifest, samples_out, sources)
+    from pipeline.shard_encoders import index_encoders, settings_fields
+
     settings = ShardSettings(out_dir=str(out_dir.resolve()), samples_path=str(samples_path.resolve()), name=name,
-                             encoder=manifest["name"], dtype=manifest["dtype"], dim=manifest["dim"],
                              shard_bytes=shard_bytes, shard_samples=shard_samples, seed=seed,
-                             states=stored_states(manifest))
+                             **settings_fields(manifest))
     plan = plan_shards(join, settings)
     # What the shards will hold, whatever the byte offsets of samples.jsonl: a rerun on the same
     # inputs resumes; other inputs or settings make the runner refuse to mix old and new shards.
-    content = [[row["id"], [[x["key"], x["embedding_path"], x["json_sha1"]] for x in row["samples"]]] for row in plan]
+    content = [[row["id"], [[x["key"], x["embedding_path"], x["json_sha1"]] + ([x["embeddings"]] if "embeddings" in x
+                                                                             else []) for x in row["samples"]]]
+               for row in plan]
     digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
     settings = ShardSettings(**{**settings.__dict__, "plan_digest": digest})
 
@@ -530,7 +572,7 @@ def _build_shards(clips_path, instructions_path, embeddings_dir, out_dir, manife
             entry["samples"] += shard["samples"]
         index = {
             "name": name, "seed": seed,
-            "encoder": {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype")},
+            **index_encoders(manifest),
             "total_samples": sum(s["samples"] for s in shards), "splits": totals, "shards": shards,
             "missing": dict(Counter(m.reason for m in missing)),
         }

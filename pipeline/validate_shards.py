@@ -13,7 +13,8 @@ not_a_file          a directory, link or device member
 bad_name            a member name with a directory part, or without ``<key>.<extension>``
 pickled_payload     a ``.pyd``/``.pickle``/``.pkl``/``.pth``/``.pt`` member, or a ``.npy`` object
                     array: refused, never decoded
-unexpected_member   any other extension than ``npy`` and ``json``
+unexpected_member   any other extension than ``npy`` and ``json`` (``<name>.npy`` per encoder and
+                    ``json`` in shards of several encoders)
 incomplete_sample   a sample without its ``npy`` or its ``json``
 duplicate_key       a key seen before (in this shard or another): duplicated, or its files are
                     not consecutive
@@ -30,6 +31,9 @@ count_mismatch      a shard holds another number of samples than the index says
 missing_shard       the index lists a file that is not there
 unindexed_shard     a ``.tar`` in the directory that the index does not list
 ==================  ==============================================================================
+
+Shards of several encoders (``pipeline.shard_encoders``) are checked the same way, each encoder's
+``<name>.npy`` against its own manifest and its entry of the JSON's ``encodings``.
 
 Nothing is unpickled: arrays are read with ``allow_pickle=False`` and pickle-typed members are
 refused by name. The tar structure is read by ``pipeline.shard_reader.iter_members``, which checks
@@ -54,7 +58,7 @@ from pipeline.records import InvalidRecord, parse_record
 from pipeline.runner import StageConfigError, default_workers
 from pipeline.shard_reader import ShardReadError, is_pickle_extension, iter_members, open_file
 from pipeline.contracts import INDEX_JSON, SampleJson
-from pipeline.shards import SAMPLE_EXTENSIONS, EmbeddingProblem, parse_npy
+from pipeline.shards import EmbeddingProblem, parse_npy
 from pipeline.worker_lifetime import exit_with_parent
 
 
@@ -102,22 +106,32 @@ class ValidationReport:
         return out
 
 
+def member_layout(manifest: dict) -> dict[str, dict]:
+    """``{array member extension: its encoder's manifest}``: ``{"npy": m}`` for one encoder, or a
+    ``{"<name>.npy": m}`` per encoder of a shards directory of several (its ``encoders``)."""
+    if "encoders" in manifest and "name" not in manifest:
+        return {f"{name}.npy": m for name, m in manifest["encoders"].items()}
+    return {"npy": manifest}
+
+
 def _check_sample(shard: str, key: str, members: dict[str, tuple[int, bytes]], manifest: dict,
                   expected: dict, report: ShardReport) -> None:
-    """One sample's ``npy`` and ``json`` against the manifest, the schema and each other."""
+    """One sample's arrays and ``json`` against the manifest, the schema and each other."""
+    layout = member_layout(manifest)
     def problem(code: str, message: str, ext: str | None = None) -> None:
         offset = members[ext][0] if ext in members else min(o for o, _ in members.values())
         report.problems.append(Problem(shard, code, message, offset, key))
 
-    for ext in SAMPLE_EXTENSIONS:
+    for ext in (*layout, "json"):
         if ext not in members:
             problem("incomplete_sample", f"no {key}.{ext} (members: {sorted(members)})")
-    frames = None
-    if "npy" in members:
-        try:
-            frames = parse_npy(members["npy"][1], manifest["dtype"], manifest["dim"], stored_states(manifest)).shape[-2]
-        except EmbeddingProblem as exc:
-            problem(exc.code, str(exc), "npy")
+    frames = {}
+    for ext, m in layout.items():
+        if ext in members:
+            try:
+                frames[ext] = parse_npy(members[ext][1], m["dtype"], m["dim"], stored_states(m)).shape[-2]
+            except EmbeddingProblem as exc:
+                problem(exc.code, str(exc) if ext == "npy" else f"{ext}: {exc}", ext)
     if "json" not in members:
         return
     try:
@@ -143,14 +157,27 @@ def _check_sample(shard: str, key: str, members: dict[str, tuple[int, bytes]], m
             mismatches.append(f"{field_name} {getattr(sample, field_name)!r} in a {expected[field_name]!r} shard")
     if expected.get("dataset") and sample.clip.get("dataset") != expected["dataset"]:
         mismatches.append(f"clip.dataset {sample.clip.get('dataset')!r} in a {expected['dataset']!r} shard")
-    encoding = sample.encoding
-    for field_name, manifest_key in (("encoder", "name"), ("layer", "layer"), ("dim", "dim"), ("dtype", "dtype"),
-                                     ("frame_rate_hz", "frame_rate_hz")):
-        if getattr(encoding, field_name) != manifest[manifest_key]:
-            mismatches.append(f"encoding.{field_name} {getattr(encoding, field_name)!r} != encoder.json "
-                              f"{manifest_key} {manifest[manifest_key]!r}")
-    if frames is not None and encoding.frames != frames:
-        mismatches.append(f"encoding.frames {encoding.frames} != the array's {frames} frames")
+    if list(layout) == ["npy"]:
+        encodings = {"npy": ("encoding", sample.encoding)}
+    else:
+        given = sample.encodings or {}
+        encodings = {f"{name}.npy": (f"encodings.{name}", e) for name, e in given.items()}
+        if sorted(encodings) != sorted(layout):
+            mismatches.append(f"encodings of {sorted(given)} in shards of {sorted(e[:-4] for e in layout)}")
+    for ext, (where, encoding) in encodings.items():
+        m = layout.get(ext)
+        if m is None:
+            continue
+        if encoding is None:
+            mismatches.append(f"no {where} (a sample of several encoders has 'encodings')")
+            continue
+        for field_name, manifest_key in (("encoder", "name"), ("layer", "layer"), ("dim", "dim"), ("dtype", "dtype"),
+                                         ("frame_rate_hz", "frame_rate_hz")):
+            if getattr(encoding, field_name) != m[manifest_key]:
+                mismatches.append(f"{where}.{field_name} {getattr(encoding, field_name)!r} != encoder.json "
+                                  f"{manifest_key} {m[manifest_key]!r}")
+        if ext in frames and encoding.frames != frames[ext]:
+            mismatches.append(f"{where}.frames {encoding.frames} != the array's {frames[ext]} frames")
     if mismatches:
         problem("mismatch", "; ".join(mismatches), "json")
 
@@ -161,6 +188,7 @@ def validate_shard(path: str | os.PathLike, manifest: dict, expected: dict | Non
     report = ShardReport(shard=path.name)
     seen: set[str] = set()
     key, members = None, {}
+    extensions = (*member_layout(manifest), "json")
 
     def finish() -> None:
         if key is not None:
@@ -185,9 +213,10 @@ def validate_shard(path: str | os.PathLike, manifest: dict, expected: dict | Non
                     report.problems.append(Problem(path.name, "pickled_payload", f"{name!r} is a pickle; refused "
                                                    "without decoding it", member.offset, base))
                     continue
-                if ext not in SAMPLE_EXTENSIONS:
-                    report.problems.append(Problem(path.name, "unexpected_member", f"{name!r}: only .npy and .json "
-                                                   "belong in a sample", member.offset, base))
+                if ext not in extensions:
+                    report.problems.append(Problem(path.name, "unexpected_member", f"{name!r}: only "
+                                                   f"{' and '.join('.' + e for e in extensions)} belong in a sample",
+                                                   member.offset, base))
                     continue
                 if base != key:
                     finish()
@@ -220,7 +249,10 @@ def validate_shards(shards_dir: str | os.PathLike, workers: int | None = None) -
     shards_dir = Path(shards_dir)
     if not shards_dir.is_dir():
         raise StageConfigError(f"{shards_dir} is not a directory of shards")
-    manifest = read_manifest(shards_dir)
+    from pipeline.shard_encoders import index_encoders, read_shard_encoders, multi_manifest_of
+
+    encoders = read_shard_encoders(shards_dir)
+    manifest = multi_manifest_of(encoders) if encoders else read_manifest(shards_dir)
     index_path = shards_dir / INDEX_JSON
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
@@ -228,8 +260,16 @@ def validate_shards(shards_dir: str | os.PathLike, workers: int | None = None) -
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StageConfigError(f"{index_path} is missing or not a shard index ({exc}); run `llark shards` first") from None
     report = ValidationReport()
-    encoder = index.get("encoder", {})
-    differences = [f"{k}: {encoder.get(k)!r} != {manifest[k]!r}" for k in encoder if encoder.get(k) != manifest.get(k)]
+    expected_index = index_encoders(manifest)
+    field_name = next(iter(expected_index))
+    encoder, wanted = index.get(field_name, {}), expected_index[field_name]
+    if encoders:
+        differences = [f"encoders: {sorted(encoder)} != {sorted(wanted)}"] if sorted(encoder) != sorted(wanted) else []
+        differences += [f"{n}.{k}: {encoder[n].get(k)!r} != {wanted[n][k]!r}" for n in wanted if n in encoder
+                        for k in wanted[n] if encoder[n].get(k) != wanted[n][k]]
+    else:
+        differences = [f"{k}: {encoder.get(k)!r} != {manifest[k]!r}" for k in encoder
+                       if encoder.get(k) != manifest.get(k)]
     if differences:
         report.problems.append(Problem(INDEX_JSON, "mismatch", "index.json's encoder disagrees with encoder.json: "
                                        + "; ".join(differences)))

@@ -20,12 +20,17 @@ def register(sub) -> None:
         "Output, in --out: the shards, index.json (shard -> sample count, totals; written when every\n"
         "shard is), encoder.json, missing.jsonl (clips or instructions left out, and why), plan.jsonl,\n"
         "shards.jsonl and shards.errors.jsonl. Rerunning resumes; --strict exits 1 when anything\n"
-        "is missing or failed.",
+        "is missing or failed.\n\n"
+        "Several encoders: --embeddings DIR_A --embeddings DIR_B (or NAME=DIR, needed for two\n"
+        "directories of one encoder) puts one array per encoder in each sample, <key>.<NAME>.npy, and\n"
+        "encoder.json lists every encoder's manifest by name.",
     )
     p.formatter_class = OptionalDefaultsFormatter
     p.add_argument("--clips", required=True, type=Path, help="clip records (clips.jsonl or augmented.jsonl)")
     p.add_argument("--instructions", required=True, type=Path, help="instruction records (instructions.jsonl)")
-    p.add_argument("--embeddings", required=True, type=Path, help="the embed stage's --embeddings-dir")
+    p.add_argument("--embeddings", required=True, action="append", metavar="[NAME=]DIR",
+                   help="the embed stage's --embeddings-dir; repeat it for samples of several encoders "
+                        "(<key>.<NAME>.npy each; NAME defaults to the directory's encoder name)")
     p.add_argument("--out", required=True, type=Path, help="directory for the shards")
     p.add_argument("--name", default="llark", help="first part of the shard names")
     p.add_argument("--shard-bytes", type=float, default=1e9, help="largest shard size in bytes")

@@ -217,12 +217,17 @@ def _read_done(path: Path) -> dict[str, dict]:
     return done
 
 
-def check_encoder_matches(model_encoder: dict | None, manifest: dict) -> None:
+def check_encoder_matches(model_encoder: dict | list | None, manifest: dict) -> None:
     """Refuse embeddings of another encoder than the projector was trained on."""
     from pipeline.encoders import FRAME_FIELDS, describe_differences, manifest_differences
 
     if not model_encoder:
         return
+    if isinstance(model_encoder, list):
+        names = ", ".join(str(e.get("key")) for e in model_encoder)
+        raise EvalConfigError(f"the model reads several encoders ({names}) and --embeddings holds one encoder's "
+                              f"frames; evaluate such a model with `llark ask --batch` on the clips' audio, which "
+                              "is encoded with each")
     differences = manifest_differences(model_encoder, manifest, FRAME_FIELDS)
     if differences:
         raise EvalConfigError("the evaluation embeddings come from another encoder than the model was trained on: "

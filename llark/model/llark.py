@@ -36,7 +36,8 @@ from torch import nn
 
 from llark.errors import LlarkConfigError
 from llark.model.chat import AUDIO_TOKEN, IGNORE_INDEX
-from llark.model.connectors import ConnectorConfigError, audio_tokens, build_connector, check_connector, mix_layers
+from llark.model.connectors import (ConnectorConfigError, audio_to, audio_tokens, build_connector, check_connector,
+                                    mix_layers)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class LlarkConfig:
     audio_token: str = AUDIO_TOKEN
     end_of_turn: str | None = None  # the token closing an assistant turn; None: the tokenizer's EOS
     system_prompt: str | None = None
-    encoder: dict[str, Any] | None = None  # the encoder.json identity the projector was trained on
+    # The encoder.json identity the projector was trained on; a list of them (each with its "key", the
+    # name the connector knows it by) for a connector of several encoders.
+    encoder: dict[str, Any] | list[dict[str, Any]] | None = None
     frame_pool: int = 1  # encoder frames averaged before the connector (see pool_frames)
     connector: dict[str, Any] = field(default_factory=lambda: {"name": "linear"})  # see llark.model.connectors
     audio_states: int | None = None  # hidden states per frame (--layers all), mixed by the connector's layer_mix
@@ -126,7 +129,7 @@ class LlarkModel(nn.Module):
         # The connector runs for every batch, even one without audio, so that every rank issues the
         # same collectives under ZeRO-3.
         dtype = next(self.projector.parameters()).dtype
-        tokens = self.projector(mix_layers(self.projector, audio.to(dtype)), audio_frames)
+        tokens = self.projector(mix_layers(self.projector, audio_to(audio, dtype)), audio_frames)
         wanted = self.projector.token_counts(audio_frames)
         real = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < wanted[:, None].to(tokens.device)
         counts = placeholders.sum(dim=1)

@@ -33,11 +33,16 @@ class LoraSection(_Section):
 class ConnectorSection(_Section):
     """``model.connector``: what turns encoder frames into audio tokens (llark.model.connectors)."""
 
-    name: Literal["linear", "mlp", "qformer"] = Field(
-        "linear", description="linear: the paper's projector; mlp: Linear-GELU-Linear; qformer: window-level Q-Former")
+    name: Literal["linear", "mlp", "qformer", "attention_fusion"] = Field(
+        "linear", description="linear: the paper's projector; mlp: Linear-GELU-Linear; qformer: window-level Q-Former; "
+        "attention_fusion: queries per time span attending to several encoders' frames")
+    encoders: list[str] | None = Field(None, description="the shards' encoders it reads (names as in their "
+                                       "encoder.json); attention_fusion: default all, the others: the one there is")
+    span_s: float | None = Field(None, gt=0, description="attention_fusion: seconds per span (default 0.5)")
     hidden: int | None = Field(None, ge=1, description="mlp: hidden width (default: the LM's)")
     window: int | None = Field(None, ge=1, description="qformer: frames per window (default 3: 0.3 s at 10 Hz)")
-    queries: int | None = Field(None, ge=1, description="qformer: learned queries (audio tokens) per window (default 1)")
+    queries: int | None = Field(None, ge=1, description="qformer, attention_fusion: learned queries (audio tokens) per "
+                                "window or span (default 1)")
     layers: int | None = Field(None, ge=1, description="qformer: blocks (default 2)")
     heads: int | None = Field(None, ge=1, description="qformer: attention heads (default 4)")
     width: int | None = Field(None, ge=1, description="qformer: width of its blocks (default: the LM's, at most 768)")
@@ -46,7 +51,15 @@ class ConnectorSection(_Section):
         """The connector's settings as ``llark_config.json`` keeps them (defaults filled in)."""
         from llark.model.connectors import check_connector
 
-        return check_connector({k: v for k, v in self.model_dump().items() if v is not None})
+        from llark.model.connectors import MULTI_ENCODER, ConnectorConfigError
+
+        values = {k: v for k, v in self.model_dump().items() if v is not None}
+        if self.name not in MULTI_ENCODER:
+            # One encoder: which one is a matter of the data (llark/multi_encoder.py), not of the connector.
+            if len(values.pop("encoders", None) or []) > 1:
+                raise ConnectorConfigError(f"model.connector.encoders: the {self.name} connector reads one encoder, "
+                                           f"got {self.encoders}; model.connector.name: attention_fusion reads several")
+        return check_connector(values)
 
 
 class ModelSection(_Section):

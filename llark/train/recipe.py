@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llark.host_memory import RetainedHeap
+from llark.multi_encoder import to_device
 from llark.train.checkpoint import (
     checkpoint_path, checkpoint_to_resume, load_trained_weights, read_trainer_state, remove_old_checkpoints,
     restore_rank_state, save_rank_state, save_trainer_state, seed_all,
@@ -113,6 +114,9 @@ class TrainRecipe:
                 if differences := manifest_differences(self.shards.manifest, embedded):
                     raise TrainConfigError("validation.embeddings are of another encoder than data.shards: "
                                            + describe_differences(differences))
+        from llark.multi_encoder import select_for_run
+
+        self.encoders = select_for_run(cfg, self.shards, self.validation_shards)  # the connector's encoders
         if cfg.model.init_from:
             self.trained = trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
@@ -124,8 +128,9 @@ class TrainRecipe:
             if cfg.model.encoder_dim and cfg.model.encoder_dim != trained.encoder_dim:
                 raise TrainConfigError(f"model.encoder_dim ({cfg.model.encoder_dim}) differs from the projector of "
                                        f"model.init_from ({trained.encoder_dim})")
-            check_encoder(self.shards.manifest, trained.encoder_dim, trained.encoder)
-        elif cfg.model.encoder_dim:
+            if not self.encoders.fusion:
+                check_encoder(self.shards.manifest, trained.encoder_dim, trained.encoder)
+        elif cfg.model.encoder_dim and not self.encoders.fusion:
             check_encoder(self.shards.manifest, cfg.model.encoder_dim)
 
     @property
@@ -205,6 +210,8 @@ class TrainRecipe:
     @property
     def _encoder_dim(self) -> int:
         """The projector's input: model.encoder_dim, else the shards' (opened and checked in __init__)."""
+        if self.encoders.fusion:
+            return sum(self.encoders.dims.values())
         return self.cfg.model.encoder_dim or self.shards.manifest["dim"]
 
     def _warn_if_over_gpu_memory(self) -> None:
@@ -225,16 +232,19 @@ class TrainRecipe:
         model_kwargs = dict(dtype=m.dtype, attn_implementation=m.attn_implementation)
         if m.init_from:
             model, tokenizer, _ = load_pretrained(m.init_from, quantization=m.quantization, **model_kwargs)
-            check_encoder(manifest, model.projector.in_features, model.config.encoder)
+            if not self.encoders.fusion:
+                check_encoder(manifest, model.projector.in_features, model.config.encoder)
         else:
-            check_encoder(manifest, self._encoder_dim)
+            if not self.encoders.fusion:
+                check_encoder(manifest, self._encoder_dim)
             llark_cfg = LlarkConfig(lm_path=m.lm_path, encoder_dim=self._encoder_dim, system_prompt=m.system_prompt,
                                     end_of_turn=m.end_of_turn, frame_pool=m.frame_pool or 1,
-                                    connector=m.connector.settings(), audio_states=self.shards.states)
+                                    connector=self.encoders.connector_settings(m.connector.settings()),
+                                    audio_states=self.shards.states)
             model, tokenizer = build_llark(llark_cfg, quantization=m.quantization, **model_kwargs)
             if m.projector_init == "standardise" and new_projector:
                 self._standardise_projector(model)
-        model.config.encoder = {k: manifest[k] for k in ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")}
+        model.config.encoder = self.encoders.encoder_identity()
         configure_training(model, m.mode, LoraSettings(**m.lora.model_dump()), m.gradient_checkpointing)
         if m.compile:
             from llark.model.compile import compile_decoder_layers
@@ -265,8 +275,9 @@ class TrainRecipe:
         from llark.mixture import MixtureStream
 
         cfg, d, model = self.cfg, self.cfg.data, self.model
-        encode = ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len, model.config.system_prompt,
-                                model.config.frame_pool, model.config.audio_tokens, model.config.audio_states)
+        encode = self.encoders.examples(ExampleEncoder(self.formatter, model.projector.in_features, d.max_seq_len,
+                                                       model.config.system_prompt, model.config.frame_pool,
+                                                       model.config.audio_tokens, model.config.audio_states))
         settings = StreamSettings(
             micro_batch=cfg.micro_batch, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, rank=self.rank,
             world_size=self.world_size, num_workers=d.num_workers, group_shards=d.group_shards,
@@ -292,7 +303,7 @@ class TrainRecipe:
         """On rank 0: the run's config.json, TensorBoard, W&B and the run's summary."""
         if not self.is_main:
             return
-        cfg, model, manifest = self.cfg, self.model, self.shards.manifest
+        cfg, model = self.cfg, self.model
         self.output_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.output_dir / "config.json", cfg.model_dump(mode="json"))
         self.metrics = MetricsLog(cfg, self.output_dir)
@@ -306,7 +317,7 @@ class TrainRecipe:
             f"frame(s) per audio token\n"
             f"train: trainable parameters: projector {counts['projector']:,}, LM {counts['lm']:,}; "
             f"data: {self.shards.samples:,} samples in {len(self.shards.urls)} shards "
-            f"({manifest['name']}, dim {manifest['dim']}, {manifest['frame_rate_hz']} Hz); "
+            f"({self.encoders.describe()}); "
             f"{cfg.optim.max_steps * cfg.global_batch / max(1, self.shards.samples):.2f} passes over the samples "
             f"in {cfg.optim.max_steps:,} steps" + (f"; resuming at step {self.step}" if resumed else ""))
 
@@ -316,12 +327,17 @@ class TrainRecipe:
         from llark.model.llark import standardise_projector, token_embedding_std
 
         m = self.cfg.model
-        mean, std, samples = frame_statistics(self.shards.urls, model.projector.in_features, model.config.frame_pool,
-                                              m.projector_init_samples, model.config.audio_states)
+        if self.encoders.reads_members:
+            mean, std, samples = self.encoders.statistics(self.shards.urls, model.config.frame_pool,
+                                                          m.projector_init_samples)
+        else:
+            mean, std, samples = frame_statistics(self.shards.urls, model.projector.in_features,
+                                                  model.config.frame_pool, m.projector_init_samples,
+                                                  model.config.audio_states)
         token_std = token_embedding_std(model.lm)
         standardise_projector(model.projector, mean, std, token_std, seed=self.cfg.seed)
         self._print(f"train: projector initialised from the frame statistics of {samples} samples (frames: mean "
-                    f"|mean| {np.abs(mean).mean():.3g}, mean std {std.mean():.3g}; audio tokens scaled to the token "
+                    f"|mean| {np.abs(_flat(mean)).mean():.3g}, mean std {_flat(std).mean():.3g}; audio tokens scaled to the token "
                     f"embeddings' std {token_std:.3g})")
 
     # -- training -------------------------------------------------------------------------------
@@ -340,7 +356,7 @@ class TrainRecipe:
             step_loss = torch.zeros((), dtype=torch.float64, device=engine.device)
             for batch in micro_batches:
                 self.loader_state.update(batch)
-                inputs = {k: batch[k].to(engine.device, non_blocking=True)
+                inputs = {k: to_device(batch[k], engine.device)
                           for k in ("input_ids", "attention_mask", "audio", "audio_frames", "labels")}
                 _, loss = engine(**inputs, loss_denominator=n_tokens)
                 # The data-parallel reduction averages gradients over ranks; scaling by the world size
@@ -543,6 +559,11 @@ class TrainRecipe:
 def _new_window() -> dict[str, Any]:
     return {"loss": 0.0, "steps": 0, "tokens": 0, "samples": 0, "skipped": 0, "too_long": 0, "dropped_turns": 0,
             "mixture": Counter()}
+
+
+def _flat(x) -> np.ndarray:
+    """Frame statistics, one array or one per encoder, as one array."""
+    return np.concatenate(list(x.values())) if isinstance(x, dict) else x
 
 
 def _float(x) -> float | None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from llark.multi_encoder import to_device
 from llark.train.config import TrainConfigError
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class Validator:
             if chunk is None:
                 raise RuntimeError("validation: a rank without any example")  # ruled out at start
             batch = collate(chunk, self.pad_id)
-            inputs = {k: batch[k].to(engine.device) for k in ("input_ids", "attention_mask", "audio", "audio_frames",
+            inputs = {k: to_device(batch[k], engine.device, False) for k in ("input_ids", "attention_mask", "audio", "audio_frames",
                                                              "labels")}
             _, loss_sum = engine(**inputs, loss_denominator=1)
             total += weight * loss_sum.double().cpu()

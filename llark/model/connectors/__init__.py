@@ -14,6 +14,11 @@ from the training frames' statistics).
 ``qformer``     window-level Q-Former (SALMONN): each window of ``window`` frames gives
                 ``queries`` learned queries that cross-attend to the window's frames through
                 ``layers`` blocks; ``ceil(frames / window) × queries`` tokens
+``attention_    several encoders at their own frame rates: each span of ``span_s`` seconds
+fusion``        gives ``queries`` learned queries that cross-attend to every encoder's frames
+                in the span; ``ceil(duration / span_s) × queries`` tokens. Its ``audio`` and
+                ``audio_frames`` are dicts by encoder name, and ``tokens_for`` takes
+                ``{encoder: frames}``
 ==============  ===============================================================================
 
 In front of any of them, embeddings that keep every hidden state of the encoder (``--layers all``)
@@ -30,13 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from llark.model.connectors.attention_fusion import AttentionFusionConnector
 from llark.model.connectors.layer_mix import LayerMix
 from llark.model.connectors.linear import LinearConnector
 from llark.model.connectors.mlp import MlpConnector
 from llark.model.connectors.qformer import QFormerConnector
 
-CONNECTORS = {"linear": LinearConnector, "mlp": MlpConnector, "qformer": QFormerConnector}
-Connector = LinearConnector | MlpConnector | QFormerConnector
+CONNECTORS = {"linear": LinearConnector, "mlp": MlpConnector, "qformer": QFormerConnector,
+              "attention_fusion": AttentionFusionConnector}
+Connector = LinearConnector | MlpConnector | QFormerConnector | AttentionFusionConnector
+# Connectors that read several encoders (audio and audio_frames as {encoder: tensor}).
+MULTI_ENCODER = ("attention_fusion",)
 
 
 class ConnectorConfigError(ValueError):
@@ -56,7 +65,8 @@ def check_connector(settings: dict[str, Any] | None) -> dict[str, Any]:
         raise ConnectorConfigError(f"model.connector.{unknown[0]}: not a setting of the {name} connector "
                                    f"(it takes {', '.join(sorted(cls.DEFAULTS)) or 'none'})")
     full = {**cls.DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
-    for key, value in full.items():
+    for key in getattr(cls, "INTEGER_SETTINGS", full):
+        value = full[key]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ConnectorConfigError(f"model.connector.{key}: a positive integer, got {value!r}")
     try:
@@ -82,6 +92,8 @@ def mix_layers(connector: nn.Module, audio: torch.Tensor) -> torch.Tensor:
     """``[batch, frames, dim]`` frames for the connector: stored states mixed by its ``layer_mix``."""
     mix = getattr(connector, "layer_mix", None)
     if mix is None:
+        if isinstance(audio, dict):  # attention_fusion: {encoder: [batch, frames, dim]}
+            return audio
         if audio.ndim != 3:
             raise ValueError(f"audio of shape {tuple(audio.shape)}; this connector takes [batch, frames, dim]")
         return audio
@@ -92,3 +104,10 @@ def audio_tokens(settings: dict[str, Any] | None, frames: int) -> int:
     """Audio tokens of a clip of ``frames`` (pooled) frames, without building the connector."""
     checked = check_connector(settings)
     return CONNECTORS[checked.pop("name")].count_tokens(frames, **checked)
+
+
+def audio_to(audio: torch.Tensor | dict[str, torch.Tensor], *args, **kwargs):
+    """``audio.to(...)``, for one tensor or a dict of them by encoder."""
+    if isinstance(audio, dict):
+        return {name: a.to(*args, **kwargs) for name, a in audio.items()}
+    return audio.to(*args, **kwargs)
