@@ -275,3 +275,18 @@ def test_embed_two_encoders_shards_train_resume_export_and_ask(two, tmp_path, ca
     assert code == 0, stdout
     answer = json.loads(stdout)
     assert isinstance(answer["answer"], str) and answer["frames"] == {"features": 35, "mert": 88}
+
+    # llark evaluate reads each encoder's embeddings of the clips, by the names the model was trained with.
+    clips = tmp_path / "labelled.jsonl"
+    clips.write_text("".join(json.dumps({**r, "labels": {"key": "C major"}}) + "\n"
+                             for r in read_jsonl(two / "clips.jsonl")))
+    evaluate = ["evaluate", str(out / "final"), "--clips", str(clips), "--tasks", "key", "--split", "valid",
+                "--max-new-tokens", "key=3", "--out", str(tmp_path / "eval")]
+    assert llark.cli.main(evaluate + ["--embeddings", str(two / "emb-features")]) == 2
+    assert "give --embeddings features=DIR --embeddings mert=DIR" in capsys.readouterr().err
+    assert llark.cli.main(evaluate + ["--embeddings", f"features={two / 'emb-features'}"]) == 2
+    assert "no mert=DIR, and the model reads encoder 'mert'" in capsys.readouterr().err
+    assert llark.cli.main(evaluate + ["--embeddings", f"features={two / 'emb-features'}",
+                                      "--embeddings", f"mert={two / 'emb-mert'}"]) == 0
+    predictions = read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    assert len(predictions) == 2 and set(predictions[0]["embedding_path"]) == {"features", "mert"}

@@ -36,7 +36,9 @@ def register(sub) -> None:
     p.formatter_class = OptionalDefaultsFormatter
     p.add_argument("checkpoint", type=Path, nargs="?", help="exported model directory (train output_dir/final)")
     p.add_argument("--clips", type=Path, help="clip records JSONL (clips.jsonl or augmented.jsonl)")
-    p.add_argument("--embeddings", type=Path, help="the embed stage's directory for these clips")
+    p.add_argument("--embeddings", action="append", default=None, metavar="[NAME=]DIR",
+                   help="the embed stage's directory for these clips; for a model of several encoders, one "
+                        "NAME=DIR per encoder (the names it was trained with)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--tasks", default=",".join(names), help="comma-separated tasks")
     p.add_argument("--split", default=None, help="comma-separated splits to evaluate (default: all records)")
@@ -75,9 +77,10 @@ def run(args) -> int:
             generation = {"do_sample": args.sample}
             if args.sample:
                 generation.update(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+            embeddings = embedding_dirs(args.embeddings)
             llark = load(args.checkpoint, args.dtype, args.device)
             summary = evaluate(
-                llark, args.clips, args.embeddings, args.out, _split(args.tasks), _split(args.split), prompts,
+                llark, args.clips, embeddings, args.out, _split(args.tasks), _split(args.split), prompts,
                 generation, max_new, args.shuffle_control, args.shuffle_seed, args.batch_size, args.limit,
                 _split(args.dataset), args.overwrite)
     except (EvalConfigError, InferenceError) as exc:
@@ -86,6 +89,23 @@ def run(args) -> int:
     print(summary_table(summary))
     print(f"\nreport: {args.out / 'report.md'}  predictions: {args.out / 'predictions.jsonl'}")
     return 0
+
+
+def embedding_dirs(values: list[str]):
+    """One ``DIR``, or ``{name: DIR}`` from ``NAME=DIR`` values (one per encoder of a fusion model)."""
+    from llark.evaluate.run import EvalConfigError
+
+    if len(values) == 1 and "=" not in values[0]:
+        return Path(values[0])
+    dirs = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name.strip() or not directory.strip():
+            raise EvalConfigError(f"--embeddings: NAME=DIR for each encoder of a model of several, got {value!r}")
+        if name.strip() in dirs:
+            raise EvalConfigError(f"--embeddings: {name.strip()} given twice")
+        dirs[name.strip()] = Path(directory.strip())
+    return dirs
 
 
 def _split(value: str | None) -> list[str] | None:

@@ -86,7 +86,7 @@ class EvalItem:
     task: str
     question: str
     reference: Any
-    embedding_path: str
+    embedding_path: str | dict[str, str]  # {encoder: path} for a model of several encoders
     # The label vocabulary the clip carries for this task; it goes to run.json, not into the rows.
     vocabulary: list[str] | None = None
 
@@ -101,6 +101,21 @@ def label_vocabularies(items: Sequence[EvalItem]) -> dict[str, list[str]]:
         if item.vocabulary:
             out.setdefault(f"{item.task}/{item.dataset}", {}).update(dict.fromkeys(item.vocabulary))
     return {group: list(labels) for group, labels in out.items()}
+
+
+Embeddings = Path | dict[str, Path]  # the embed stage's directory, or one per encoder of a fusion model
+
+
+def read_embedding_indexes(embeddings: Embeddings) -> tuple[dict[str, Any], Any]:
+    """``{clip id: .npy path}`` and the encoder.json of one directory; for ``{encoder: directory}``,
+    ``{clip id: {encoder: .npy path}}`` over the clips every directory holds, and the encoder.json
+    of each."""
+    if not isinstance(embeddings, dict):
+        return read_embedding_index(Path(embeddings))
+    read = {name: read_embedding_index(Path(d)) for name, d in embeddings.items()}
+    common = set.intersection(*(set(paths) for paths, _ in read.values()))
+    paths = {clip: {name: read[name][0][clip] for name in read} for clip in common}
+    return paths, {name: manifest for name, (_, manifest) in read.items()}
 
 
 def read_embedding_index(embeddings_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
@@ -123,7 +138,7 @@ def read_embedding_index(embeddings_dir: Path) -> tuple[dict[str, str], dict[str
     return paths, manifest
 
 
-def build_items(clips: Path, embeddings_dir: Path, tasks: Sequence[str], splits: Sequence[str] | None = None,
+def build_items(clips: Path, embeddings_dir: Embeddings, tasks: Sequence[str], splits: Sequence[str] | None = None,
                 prompts: dict[str, str] | None = None, limit: int | None = None,
                 datasets: Sequence[str] | None = None) -> list[EvalItem]:
     """One item per (clip, task) with a reference and an embedding; clips without an embedding
@@ -136,7 +151,7 @@ def build_items(clips: Path, embeddings_dir: Path, tasks: Sequence[str], splits:
         raise EvalConfigError(f"unknown tasks {unknown}; choose from {', '.join(known)}")
     chosen = [registry.get(name) for name in tasks]
     prompts = {**{task.name: task.prompt for task in chosen}, **(prompts or {})}
-    paths, _ = read_embedding_index(embeddings_dir)
+    paths, _ = read_embedding_indexes(embeddings_dir)
     items, missing = [], 0
     for record in read_records(clips):
         if splits and record.split not in splits:
@@ -192,7 +207,7 @@ def audio_sources(items: Sequence[EvalItem], condition: str, seed: int) -> dict[
 class RunSettings:
     checkpoint: str
     clips: str
-    embeddings: str
+    embeddings: str | dict[str, str]
     tasks: list[str]
     splits: list[str] | None
     prompts: dict[str, str]
@@ -218,26 +233,44 @@ def _read_done(path: Path) -> dict[str, dict]:
 
 
 def check_encoder_matches(model_encoder: dict | list | None, manifest: dict) -> None:
-    """Refuse embeddings of another encoder than the projector was trained on."""
+    """Refuse embeddings of another encoder than the projector was trained on; for a model of several
+    encoders, ``manifest`` is ``{encoder: encoder.json}`` and each is checked, a missing one named."""
     from pipeline.encoders import FRAME_FIELDS, describe_differences, manifest_differences
 
     if not model_encoder:
         return
-    if isinstance(model_encoder, list):
-        names = ", ".join(str(e.get("key")) for e in model_encoder)
-        raise EvalConfigError(f"the model reads several encoders ({names}) and --embeddings holds one encoder's "
-                              f"frames; evaluate such a model with `llark ask --batch` on the clips' audio, which "
-                              "is encoded with each")
-    differences = manifest_differences(model_encoder, manifest, FRAME_FIELDS)
-    if differences:
-        raise EvalConfigError("the evaluation embeddings come from another encoder than the model was trained on: "
-                              + describe_differences(differences))
+    several = "name" not in manifest  # {encoder: manifest}
+    if isinstance(model_encoder, list) and not several:
+        names = [str(e.get("key")) for e in model_encoder]
+        raise EvalConfigError(f"the model reads several encoders ({', '.join(names)}) and --embeddings gives one "
+                              "directory: give " + " ".join(f"--embeddings {n}=DIR" for n in names))
+    if several and not isinstance(model_encoder, list):
+        raise EvalConfigError(f"the model reads one encoder ({model_encoder.get('name')}) and --embeddings gives "
+                              f"{len(manifest)}: give one --embeddings DIR")
+    pairs = [(e.get("key"), e) for e in model_encoder] if several else [(None, model_encoder)]
+    for name, expected in pairs:
+        if name is not None and name not in manifest:
+            raise EvalConfigError(f"--embeddings: no {name}=DIR, and the model reads encoder {name!r} "
+                                  f"(given: {', '.join(sorted(manifest))})")
+        differences = manifest_differences(expected, manifest[name] if name else manifest, FRAME_FIELDS)
+        if differences:
+            raise EvalConfigError("the evaluation embeddings" + (f" of {name!r}" if name else "") + " come from "
+                                  "another encoder than the model was trained on: " + describe_differences(differences))
+
+
+def read_clip_frames(llark, path: str | dict[str, str]):
+    """The frames the model takes for one clip: one array, or ``{encoder: array}``."""
+    from llark.inference import read_frames
+
+    if isinstance(path, dict):
+        return {name: read_frames(p, llark.encoder_dims[name]) for name, p in path.items()}
+    return read_frames(path, llark.encoder_dim, llark.audio_states)
 
 
 def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, settings: RunSettings,
              batch_size: int = 8, progress: bool = True) -> Path:
     """Answer every item (resuming a file written with the same settings); return the file."""
-    from llark.inference import GenerationSettings, read_frames
+    from llark.inference import GenerationSettings
 
     path = generations_file(out_dir, condition)
     drop_torn_tail(path)  # appending then starts on a fresh line
@@ -256,7 +289,7 @@ def generate(llark, items: Sequence[EvalItem], out_dir: Path, condition: str, se
             batch = todo[start:start + batch_size]
             max_new = max(settings.max_new_tokens.get(i.task, DEFAULT_MAX_NEW_TOKENS) for i in batch)
             gen = GenerationSettings(**{**settings.generation, "max_new_tokens": max_new})
-            audio = [read_frames(embedding_of[sources[i.clip_id]], llark.encoder_dim, llark.audio_states) for i in batch]
+            audio = [read_clip_frames(llark, embedding_of[sources[i.clip_id]]) for i in batch]
             answers = llark.answer([i.question for i in batch], audio, gen)
             for item, answer in zip(batch, answers):
                 fh.write(json_line({**item.row(), "answer": answer, "audio": condition,
@@ -356,7 +389,7 @@ def score_run(out_dir: str | os.PathLike, embed: Callable[[list[str]], np.ndarra
     return summary
 
 
-def evaluate(llark, clips: Path, embeddings_dir: Path, out_dir: Path, tasks: Sequence[str],
+def evaluate(llark, clips: Path, embeddings_dir: Embeddings, out_dir: Path, tasks: Sequence[str],
              splits: Sequence[str] | None = None, prompts: dict[str, str] | None = None,
              generation: dict[str, Any] | None = None, max_new_tokens: dict[str, int] | None = None,
              shuffle_control: bool = False, shuffle_seed: int = 0, batch_size: int = 8, limit: int | None = None,
@@ -364,11 +397,12 @@ def evaluate(llark, clips: Path, embeddings_dir: Path, out_dir: Path, tasks: Seq
              embed: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """Generate (real audio, and shuffled audio with ``shuffle_control``) and score; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, manifest = read_embedding_index(embeddings_dir)
+    _, manifest = read_embedding_indexes(embeddings_dir)
     check_encoder_matches(llark.encoder_identity, manifest)
     items = build_items(clips, embeddings_dir, tasks, splits, prompts, limit, datasets)
+    given = {k: str(v) for k, v in embeddings_dir.items()} if isinstance(embeddings_dir, dict) else str(embeddings_dir)
     settings = RunSettings(
-        checkpoint=str(llark.source), clips=str(clips), embeddings=str(embeddings_dir), tasks=list(tasks),
+        checkpoint=str(llark.source), clips=str(clips), embeddings=given, tasks=list(tasks),
         splits=list(splits) if splits else None,
         prompts={t: registry.get(t).prompt for t in tasks} | (prompts or {}), generation=dict(generation or {}),
         max_new_tokens={**max_new_tokens_defaults(), **(max_new_tokens or {})}, shuffle_seed=shuffle_seed,
