@@ -120,9 +120,10 @@ def select_encoders(manifest: dict[str, Any], connector: str, wanted: list[str] 
     else:
         names = list(available)
     for name in names:
-        if available[name][1].get("layer") == "all":
+        if available[name][1].get("layer") == "all" and (connector in MULTI_ENCODER or len(available) > 1):
             raise DataConfigError(f"{where}: encoder {name!r} holds every hidden state per clip ([states, frames, "
-                                  "dim], layer 'all'); the connectors take [frames, dim]: embed with --layers L or A-B")
+                                  "dim], layer 'all'); their learned mix works on shards of that encoder alone: "
+                                  "embed with --layers L or A-B for shards of several encoders")
     return EncoderSelection(connector, {n: available[n][0] for n in names}, {n: available[n][1] for n in names})
 
 

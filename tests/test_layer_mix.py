@@ -119,3 +119,20 @@ def test_ask_takes_stored_states_and_refuses_another_count(tmp_path):
         read_frames(tmp_path / "all.npy", DIM, 2)
     with pytest.raises(InferenceError, match=r"expected finite \[frames, 8\]"):
         read_frames(tmp_path / "all.npy", DIM)
+
+
+def test_every_state_is_mixed_on_shards_of_one_encoder_only():
+    from llark.data import DataConfigError
+    from llark.multi_encoder import select_encoders
+
+    def manifest(name, layer):
+        return {"name": name, "layer": layer, "frame_rate_hz": 10.0, "dim": DIM, "dtype": "float16",
+                "config": {"hidden_states": STATES} if layer == "all" else {}}
+
+    alone = manifest("mert", "all")
+    assert list(select_encoders(alone, "linear", None).members) == ["mert"]
+    with pytest.raises(DataConfigError, match="learned mix works on shards of that encoder alone"):
+        select_encoders(alone, "attention_fusion", None)
+    several = {"encoders": {"mert": alone, "features": manifest("features", None)}}
+    with pytest.raises(DataConfigError, match=r"encoder 'mert' holds every hidden state"):
+        select_encoders(several, "linear", ["mert"])
