@@ -189,3 +189,22 @@ def train_steps(model, inputs: dict, parameters, steps: int = 4, lr: float = 1e-
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def fit_connector(connector, audio, frames, target, steps: int, lr: float = 1e-2) -> list[float]:
+    """Adam on the MSE between ``connector(audio, frames)`` and ``target``; fails if a parameter gets
+    no gradient at the first step. The losses."""
+    import torch
+
+    optimizer = torch.optim.Adam(connector.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = torch.nn.functional.mse_loss(connector(audio, frames), target)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            silent = [n for n, p in connector.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not silent, f"no gradient reaches {silent}"
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -89,18 +89,10 @@ def test_gradients_reach_every_part_and_a_toy_task_is_learned():
     map_a, map_b = torch.randn(8, HIDDEN, generator=generator), torch.randn(6, HIDDEN, generator=generator)
     # Each span's token should say the mean of the first encoder's frames in it plus the second's (2 per span).
     target = audio["features"].reshape(8, 4, 5, 8).mean(2) @ map_a + audio["other"].reshape(8, 4, 2, 6).mean(2) @ map_b
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(150):
-        loss = torch.nn.functional.mse_loss(model(audio, frames), target)
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-            assert not silent, f"no gradient reaches {silent}"
-            assert {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("input_proj.")} == set(inputs)
-        optimizer.step()
-        losses.append(loss.item())
+    from fixtures_train import fit_connector
+
+    assert {n.split(".")[1] for n, _ in model.named_parameters() if n.startswith("input_proj.")} == set(inputs)
+    losses = fit_connector(model, audio, frames, target, steps=150)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
 
 

@@ -72,17 +72,9 @@ def test_gradients_reach_every_part_and_a_toy_task_is_learned(name):
     window = SETTINGS[name].get("window", 1)
     queries = SETTINGS[name].get("queries", 1)
     target = (audio.reshape(16, 6 // window, window, DIM).mean(2) @ target_map).repeat_interleave(queries, dim=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(300):
-        loss = torch.nn.functional.mse_loss(model(audio, frames), target)
-        optimizer.zero_grad()
-        loss.backward()
-        if step == 0:
-            silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-            assert not silent, f"no gradient reaches {silent}"
-        optimizer.step()
-        losses.append(loss.item())
+    from fixtures_train import fit_connector
+
+    losses = fit_connector(model, audio, frames, target, steps=300)
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
 
 

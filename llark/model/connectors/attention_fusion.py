@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from llark.model.connectors.linear import scaled_normal_, standardise_linear_
-from llark.model.connectors.qformer import QFormerBlock
+from llark.model.connectors.qformer import add_query_stack
 
 TIME_FREQUENCIES = 8
 _TOLERANCE = 1e-9  # frame boundaries computed in float64 that should be integers
@@ -91,10 +91,7 @@ class AttentionFusionConnector(nn.Module):
         nn.init.normal_(self.time_proj.weight, std=0.02)
         nn.init.zeros_(self.time_proj.bias)
         self.frame_norm = nn.LayerNorm(width, **kw)
-        self.queries = nn.Parameter(torch.randn(queries, width, **kw) * 0.02)
-        self.blocks = nn.ModuleList(QFormerBlock(width, heads, **kw) for _ in range(layers))
-        self.out_norm = nn.LayerNorm(width, **kw)
-        self.output_proj = nn.Linear(width, out_features, **kw)
+        add_query_stack(self, queries, width, heads, layers, out_features, **kw)
 
     @staticmethod
     def check(settings: dict) -> None:

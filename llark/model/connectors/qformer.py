@@ -39,6 +39,16 @@ class QFormerBlock(nn.Module):
         return queries + self.ffn(self.ffn_norm(queries))
 
 
+def add_query_stack(module: nn.Module, queries: int, width: int, heads: int, layers: int, out_features: int,
+                    **kw) -> None:
+    """The learned ``queries``, their ``blocks``, ``out_norm`` and ``output_proj`` (to the LM's width),
+    set on ``module`` under those names (the state-dict keys of every export)."""
+    module.queries = nn.Parameter(torch.randn(queries, width, **kw) * 0.02)
+    module.blocks = nn.ModuleList(QFormerBlock(width, heads, **kw) for _ in range(layers))
+    module.out_norm = nn.LayerNorm(width, **kw)
+    module.output_proj = nn.Linear(width, out_features, **kw)
+
+
 class QFormerConnector(nn.Module):
     DEFAULTS = {"window": 3, "queries": 1, "layers": 2, "heads": 4, "width": None}
 
@@ -53,10 +63,7 @@ class QFormerConnector(nn.Module):
         self.window, self.queries_per_window = window, queries
         self.input_proj = nn.Linear(in_features, width, **kw)
         self.position = nn.Parameter(torch.randn(window, width, **kw) * 0.02)
-        self.queries = nn.Parameter(torch.randn(queries, width, **kw) * 0.02)
-        self.blocks = nn.ModuleList(QFormerBlock(width, heads, **kw) for _ in range(layers))
-        self.out_norm = nn.LayerNorm(width, **kw)
-        self.output_proj = nn.Linear(width, out_features, **kw)
+        add_query_stack(self, queries, width, heads, layers, out_features, **kw)
 
     @staticmethod
     def check(settings: dict) -> None:
