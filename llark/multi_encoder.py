@@ -29,9 +29,6 @@ from llark.model.connectors import MULTI_ENCODER
 
 log = logging.getLogger("llark")
 
-IDENTITY_KEYS = ("name", "layer", "frame_rate_hz", "dim", "dtype", "config")
-
-
 def shard_encoders(manifest: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{name: (member extension, manifest)}`` of what a shards directory's ``encoder.json`` holds."""
     from pipeline.shard_encoders import is_multi
@@ -42,7 +39,9 @@ def shard_encoders(manifest: dict[str, Any]) -> dict[str, tuple[str, dict[str, A
 
 
 def identity(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: manifest[k] for k in IDENTITY_KEYS}
+    from pipeline.encoders import IDENTITY_FIELDS
+
+    return {k: manifest[k] for k in IDENTITY_FIELDS}
 
 
 @dataclass
@@ -127,18 +126,15 @@ def select_encoders(manifest: dict[str, Any], connector: str, wanted: list[str] 
     return EncoderSelection(connector, {n: available[n][0] for n in names}, {n: available[n][1] for n in names})
 
 
-def select_for_run(cfg: Any, shards: Any, validation_shards: Any = None) -> EncoderSelection:
+def select_for_run(cfg: Any, shards: Any, validation_shards: Any = None, trained: Any = None) -> EncoderSelection:
     """The encoders a training run's connector reads, checked before any weight loads; the shard
-    sets' ``manifest`` becomes the (first) selected encoder's."""
-    from pathlib import Path
-
+    sets' ``manifest`` becomes the (first) selected encoder's. ``trained``: model.init_from's
+    LlarkConfig, whose connector and encoders a continued run keeps."""
     from llark.errors import LlarkConfigError
-    from llark.model import LlarkConfig
 
     m = cfg.model
-    name, wanted, trained = m.connector.name, m.connector.encoders, None
-    if m.init_from:
-        trained = LlarkConfig.from_file(Path(m.init_from) / "llark_config.json")
+    name, wanted = m.connector.name, m.connector.encoders
+    if trained is not None:
         if "connector" not in m.model_fields_set:
             name = trained.connector["name"]
         encoder = trained.encoder

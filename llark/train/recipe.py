@@ -116,9 +116,11 @@ class TrainRecipe:
                                            + describe_differences(differences))
         from llark.multi_encoder import select_for_run
 
-        self.encoders = select_for_run(cfg, self.shards, self.validation_shards)  # the connector's encoders
         if cfg.model.init_from:
-            self.trained = trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
+            self.trained = LlarkConfig.from_file(Path(cfg.model.init_from) / "llark_config.json")
+        self.encoders = select_for_run(cfg, self.shards, self.validation_shards, self.trained)
+        if cfg.model.init_from:
+            trained = self.trained
             if cfg.model.frame_pool and cfg.model.frame_pool != trained.frame_pool:
                 raise TrainConfigError(f"model.frame_pool ({cfg.model.frame_pool}) differs from model.init_from's "
                                        f"({trained.frame_pool}); leave it unset to continue with the trained one")
