@@ -307,19 +307,20 @@ class ExampleEncoder:
 
     def __call__(self, sample: ShardSample, pair: int | None) -> dict[str, Any]:
         audio = self.decode(sample)
+        audio_tokens = self.audio_tokens(self.frames_of(audio))
         pairs = sample.pairs if pair is None else [sample.pairs[pair]]
         asked = len(pairs)
         while True:
             messages = self.formatter.conversation(pairs, self.system_prompt)
             try:
-                encoded = self.formatter.encode(messages, self.audio_tokens(self.frames_of(audio)))
+                encoded = self.formatter.encode(messages, audio_tokens)
             except ChatFormatError as exc:
                 raise BadSample(f"sample {sample.key}: {exc}") from None
             if len(encoded.input_ids) <= self.max_seq_len:
                 break
             if len(pairs) == 1:
                 raise SampleTooLong(f"sample {sample.key}: {len(encoded.input_ids)} tokens "
-                                    f"({self.audio_tokens(self.frames_of(audio))} audio tokens) > data.max_seq_len "
+                                    f"({audio_tokens} audio tokens) > data.max_seq_len "
                                     f"{self.max_seq_len}")
             pairs = pairs[:-1]  # a multi-turn conversation loses its last turns until it fits
         return {"key": sample.key, "input_ids": encoded.input_ids, "labels": encoded.labels, "audio": audio,
